@@ -1,0 +1,38 @@
+# The README's two commands are `make demo` and `make test`; the rest are conveniences.
+VENV := .venv/bin
+.DEFAULT_GOAL := help
+
+.PHONY: help venv setup demo test lint up down status
+
+help:
+	@echo "make demo   - install everything, start Kafka, QuestDB and Mosquitto, run the demo"
+	@echo "make test   - install everything, then lint, type-check and run all tests"
+	@echo "make up | down | status - manage the local services"
+
+venv:
+	@bash infra/bootstrap.sh
+
+setup: venv
+	@$(VENV)/twinflow setup
+
+demo: setup
+	@$(VENV)/twinflow demo
+
+lint: venv
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy
+
+# pytest exits 5 when it collected no test: that is a failure here, said out loud.
+test: setup lint
+	@$(VENV)/pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing" >&2; exit 1; fi; exit $$rc
+
+up: setup
+	@$(VENV)/twinflow up
+
+down: venv
+	@$(VENV)/twinflow down
+
+status: venv
+	@$(VENV)/twinflow status

@@ -1,0 +1,1 @@
+"""Throughput and quality harnesses; they write JSON and a readable report."""

@@ -1,0 +1,1 @@
+"""I/O: one module per external system (Kafka, QuestDB, MQTT, OPC UA)."""

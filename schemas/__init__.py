@@ -1,0 +1,1 @@
+"""Message contracts: typed structs and the JSON Schema files of every topic."""

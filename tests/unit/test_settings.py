@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from twinflow.errors import ConfigError
+from twinflow.settings import load_settings
+
+
+def test_defaults_are_loopback_and_standard_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TWINFLOW_KAFKA__PORT", "TWINFLOW_CONFIG", "TWINFLOW_STATE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.kafka.bootstrap == "127.0.0.1:9092"
+    assert settings.questdb.http_url == "http://127.0.0.1:9000"
+    assert settings.mqtt.port == 1883
+    assert settings.state_dir.is_absolute()
+    assert settings.jar_dir == settings.state_dir / "lib"
+
+
+def test_environment_overrides_nested_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWINFLOW_KAFKA__PORT", "19092")
+    monkeypatch.setenv("TWINFLOW_QUESTDB__HEAP", "2g")
+    settings = load_settings()
+    assert settings.kafka.bootstrap == "127.0.0.1:19092"
+    assert settings.questdb.heap == "2g"
+
+
+def test_config_file_below_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "twinflow.toml"
+    config.write_text('[kafka]\nport = 29092\nheap = "512m"\n[mqtt]\nport = 21883\n')
+    monkeypatch.delenv("TWINFLOW_CONFIG", raising=False)
+    monkeypatch.setenv("TWINFLOW_MQTT__PORT", "31883")
+    settings = load_settings(config)
+    assert settings.kafka.port == 29092
+    assert settings.kafka.heap == "512m"
+    assert settings.mqtt.port == 31883
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "expected"),
+    [
+        ("TWINFLOW_KAFKA__PORT", "70000", r"kafka\.port \(env TWINFLOW_KAFKA__PORT\).*65535"),
+        ("TWINFLOW_MQTT__PORT", "abc", r"mqtt\.port \(env TWINFLOW_MQTT__PORT\).*integer"),
+        ("TWINFLOW_QUESTDB__HEAP", "lots", r"questdb\.heap.*512m or 2g.*'lots'"),
+        ("TWINFLOW_LOG_LEVEL", "LOUD", r"log_level \(env TWINFLOW_LOG_LEVEL\)"),
+    ],
+)
+def test_bad_values_fail_fast_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings()
+
+
+def test_unknown_setting_in_file_is_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "twinflow.toml"
+    config.write_text("[kafka]\nprot = 1\n")
+    with pytest.raises(ConfigError, match=r"kafka\.prot"):
+        load_settings(config)
+
+
+def test_two_services_on_one_port_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWINFLOW_MQTT__PORT", "9000")
+    with pytest.raises(ConfigError, match=r"mqtt\.port and questdb\.http_port are both .*9000"):
+        load_settings()
+
+
+def test_secrets_are_masked_when_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWINFLOW_MQTT__USERNAME", "plant")
+    monkeypatch.setenv("TWINFLOW_MQTT__PASSWORD", "s3cret-value")
+    settings = load_settings()
+    printed = repr(settings.masked()) + repr(settings)
+    assert "s3cret-value" not in printed
+    assert settings.masked()["mqtt"]["password"] == "**********"
+    assert settings.mqtt.password is not None
+    assert settings.mqtt.password.get_secret_value() == "s3cret-value"

@@ -1,0 +1,3 @@
+from twinflow.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Local Kafka, QuestDB and Mosquitto on loopback, without Docker."""

@@ -1,0 +1,191 @@
+"""First-run installs: Debian packages and the Kafka/QuestDB jars from Maven Central.
+
+Every step is idempotent and cheap once done, shows progress while it downloads, and on
+failure says what was tried and what to do next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from twinflow.errors import ProvisionError
+
+Progress = Callable[[str], None]
+
+INFRA_DIR = Path(__file__).resolve().parents[2] / "infra"
+JAVA_MIN_MAJOR = 17
+
+# executable -> Debian package that provides it
+DEBIAN_PACKAGES: dict[str, str] = {
+    "mosquitto": "mosquitto",
+    "java": "openjdk-17-jre-headless",
+    "mvn": "maven",
+}
+# Debian installs daemons in /usr/sbin, which is not on every user's PATH.
+_EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin")
+
+
+def find_executable(name: str) -> str | None:
+    """``name`` on PATH, or in the sbin folders Debian uses for daemons."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in _EXTRA_BIN_DIRS:
+        candidate = Path(folder) / name
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def _stream(argv: Sequence[str], report: Callable[[str], None]) -> str:
+    """Run argv, handing every output line to ``report``; return the whole output."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            report(line.strip())
+    output = "\n".join(lines)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, list(argv), output)
+    return output
+
+
+def _matching(pattern: str, progress: Progress) -> Callable[[str], None]:
+    """Report the first group of lines matching ``pattern``, drop the rest."""
+    compiled = re.compile(pattern)
+
+    def report(line: str) -> None:
+        match = compiled.search(line)
+        if match:
+            progress(match.group(1)[:120])
+
+    return report
+
+
+def ensure_executables(names: Sequence[str], progress: Progress) -> dict[str, str]:
+    """Find each executable, installing its Debian package if it is missing."""
+    missing = [name for name in names if find_executable(name) is None]
+    if missing:
+        packages = sorted({DEBIAN_PACKAGES[name] for name in missing})
+        _apt_install(packages, progress)
+    found: dict[str, str] = {}
+    for name in names:
+        path = find_executable(name)
+        if path is None:
+            raise ProvisionError(
+                f"{name} is still missing after installing {DEBIAN_PACKAGES[name]}"
+            )
+        found[name] = path
+    return found
+
+
+def resolve_tool(configured: str, env_var: str, progress: Progress) -> str:
+    """The executable a setting names: a known tool name is installed if missing."""
+    if configured in DEBIAN_PACKAGES:
+        return ensure_executables([configured], progress)[configured]
+    if find_executable(configured) is None:
+        raise ProvisionError(f"{env_var}={configured!r} is not an executable; fix or unset it")
+    return configured
+
+
+def _apt_install(packages: list[str], progress: Progress) -> None:
+    apt = shutil.which("apt-get")
+    hint = f"install them yourself (Debian/Ubuntu: apt-get install {' '.join(packages)})"
+    if apt is None:
+        raise ProvisionError(f"missing packages {packages} and no apt-get here; {hint}")
+    if os.geteuid() != 0:
+        raise ProvisionError(f"missing packages {packages}; as a non-root user, {hint}")
+    progress(f"installing Debian packages: {', '.join(packages)}")
+    report = _matching(r"^((?:Unpacking|Setting up|E:) .*)", progress)
+    try:
+        _stream([apt, "update"], report)
+        _stream([apt, "install", "-y", "--no-install-recommends", *packages], report)
+    except subprocess.CalledProcessError as exc:
+        tail = "\n".join(str(exc.output).splitlines()[-8:])
+        raise ProvisionError(
+            f"apt-get could not install {packages} (exit {exc.returncode}). "
+            f"Are the Debian package mirrors reachable?\n{tail}"
+        ) from None
+
+
+def resolve_java(configured: str, progress: Progress) -> str:
+    """The java executable to run services with, checked to be Java 17 or newer."""
+    java = resolve_tool(configured, "TWINFLOW_SERVICES__JAVA", progress)
+    check_java(java)
+    return java
+
+
+def check_java(java: str) -> int:
+    """The major version of ``java``; raise unless it is at least 17."""
+    try:
+        result = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, check=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ProvisionError(
+            f"cannot run {java!r} ({exc}); install a JDK {JAVA_MIN_MAJOR}+ "
+            "(apt-get install openjdk-17-jre-headless) or set TWINFLOW_SERVICES__JAVA"
+        ) from None
+    match = re.search(r'version "(\d+)', result.stderr + result.stdout)
+    major = int(match.group(1)) if match else 0
+    if major < JAVA_MIN_MAJOR:
+        raise ProvisionError(
+            f"{java} is Java {major}; Kafka 4 and QuestDB 9 need Java {JAVA_MIN_MAJOR}+. "
+            "Install openjdk-17-jre-headless or point TWINFLOW_SERVICES__JAVA at a newer java"
+        )
+    return major
+
+
+def resolve_jars(mvn: str, pom: Path, dest: Path, progress: Progress) -> list[Path]:
+    """Copy the runtime jars ``pom`` depends on into ``dest`` (skipped when up to date).
+
+    The copy is stamped with the pom's hash, so changing a version in the pom fetches
+    the new jars on the next run.
+    """
+    stamp = dest / ".resolved-from"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest:
+        return sorted(dest.glob("*.jar"))
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    progress(f"resolving {pom.parent.name} jars from Maven Central (first run only)")
+    argv = [
+        mvn,
+        "-B",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
+    ]
+    try:
+        _stream(argv, _matching(r"Downloaded from \S+ \S+/([^/\s]+) ", progress))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        output = getattr(exc, "output", None) or str(exc)
+        # Maven's first ERROR line names the artifact and the cause; the rest is boilerplate.
+        first_error = next(
+            (line for line in str(output).splitlines() if line.startswith("[ERROR] ")),
+            str(output)[-600:],
+        )
+        raise ProvisionError(
+            f"Maven could not resolve the jars of {pom} (is Maven Central reachable? "
+            f"a proxy goes in ~/.m2/settings.xml; a warm ~/.m2 works offline):\n{first_error}"
+        ) from None
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    stamp.write_text(digest)
+    return sorted(dest.glob("*.jar"))

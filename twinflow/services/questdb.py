@@ -1,0 +1,84 @@
+"""QuestDB from its Maven Central jar, with its data root inside the state folder."""
+
+from __future__ import annotations
+
+from connectors.questdb import QuestDBError, QuestDBHttp
+from twinflow.services.base import LocalService
+from twinflow.services.provision import (
+    INFRA_DIR,
+    Progress,
+    resolve_jars,
+    resolve_java,
+    resolve_tool,
+)
+
+
+class QuestDBService(LocalService):
+    """A local QuestDB: HTTP (REST, ILP, console), PostgreSQL wire, ILP/TCP."""
+
+    name = "questdb"
+
+    def ports(self) -> dict[str, int]:
+        """All four listeners."""
+        q = self.settings.questdb
+        return {
+            "questdb.http_port": q.http_port,
+            "questdb.pg_port": q.pg_port,
+            "questdb.ilp_tcp_port": q.ilp_tcp_port,
+            "questdb.min_http_port": q.min_http_port,
+        }
+
+    def endpoints(self) -> list[str]:
+        """Console/REST URL and the PG wire address."""
+        q = self.settings.questdb
+        return [f"console+REST+ILP {q.http_url}", f"PG wire 127.0.0.1:{q.pg_port}"]
+
+    def _server_conf(self) -> str:
+        q = self.settings.questdb
+        conf = {
+            "http.bind.to": f"127.0.0.1:{q.http_port}",
+            "http.min.net.bind.to": f"127.0.0.1:{q.min_http_port}",
+            "pg.net.bind.to": f"127.0.0.1:{q.pg_port}",
+            "line.tcp.net.bind.to": f"127.0.0.1:{q.ilp_tcp_port}",
+            "pg.user": q.pg_user,
+            "pg.password": q.pg_password.get_secret_value(),
+            "line.udp.enabled": "false",
+            "telemetry.enabled": "false",
+        }
+        return "".join(f"{key}={value}\n" for key, value in conf.items())
+
+    def prepare(self, progress: Progress) -> list[str]:
+        """Fetch the jar and write conf/server.conf under the data root."""
+        java = resolve_java(self.settings.services.java, progress)
+        jars = resolve_jars(
+            resolve_tool(self.settings.services.maven, "TWINFLOW_SERVICES__MAVEN", progress),
+            INFRA_DIR / "maven" / "questdb" / "pom.xml",
+            self.settings.jar_dir / "questdb",
+            progress,
+        )
+        conf_dir = self.home / "conf"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        conf_file = conf_dir / "server.conf"
+        conf_file.write_text(self._server_conf())
+        conf_file.chmod(0o600)
+        (questdb_jar,) = (jar for jar in jars if jar.name.startswith("questdb-"))
+        return [
+            java,
+            "-Xms128m",
+            f"-Xmx{self.settings.questdb.heap}",
+            "-Djava.awt.headless=true",
+            "-p",
+            str(questdb_jar.resolve()),
+            "-m",
+            "io.questdb/io.questdb.ServerMain",
+            "-d",
+            str(self.home.resolve()),
+        ]
+
+    def healthy(self) -> bool:
+        """``SELECT 1`` over HTTP returns 1."""
+        try:
+            result = QuestDBHttp(self.settings.questdb, timeout_s=3).exec("SELECT 1")
+        except QuestDBError:
+            return False
+        return result.rows == ((1,),)

@@ -1,0 +1,262 @@
+"""The one typed settings object of twinflow.
+
+Values come, highest priority first, from keyword arguments, ``TWINFLOW_*`` environment
+variables (nested fields use ``__``: ``TWINFLOW_KAFKA__PORT=19092``), an optional TOML
+file (``TWINFLOW_CONFIG`` or ``twinflow --config FILE``) and the defaults below. The
+entrypoint loads it once with :func:`load_settings` and passes it down; nothing else
+reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from twinflow.errors import ConfigError
+
+ENV_PREFIX = "TWINFLOW_"
+ENV_NESTED_DELIMITER = "__"
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
+
+Port = int
+_HEAP = re.compile(r"^[1-9][0-9]*[mMgG]$")
+
+
+def _port(default: int, description: str) -> Any:
+    return Field(default=default, ge=1, le=65535, description=description)
+
+
+def _check_heap(value: str) -> str:
+    if not _HEAP.match(value):
+        raise ValueError("JVM heap size must look like 512m or 2g")
+    return value
+
+
+HeapSize = Annotated[str, AfterValidator(_check_heap)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """The Kafka broker: where clients find it and how the local one runs."""
+
+    port: Port = _port(9092, "client listener of the local broker (127.0.0.1)")
+    controller_port: Port = _port(9093, "KRaft controller listener of the local broker")
+    bootstrap_servers: str | None = Field(
+        default=None, description="brokers clients connect to; default: the local broker"
+    )
+    heap: HeapSize = Field(default="1g", description="JVM max heap of the local broker")
+    default_partitions: int = Field(default=4, ge=1, le=1024)
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``bootstrap.servers`` string clients use."""
+        return self.bootstrap_servers or f"127.0.0.1:{self.port}"
+
+
+class QuestDBSettings(_Section):
+    """QuestDB: HTTP (REST, ILP over HTTP, console), PostgreSQL wire and ILP/TCP."""
+
+    host: str = Field(default="127.0.0.1", description="host clients connect to")
+    http_port: Port = _port(9000, "HTTP: SQL over REST, ILP over HTTP and the web console")
+    pg_port: Port = _port(8812, "PostgreSQL wire protocol")
+    ilp_tcp_port: Port = _port(9009, "InfluxDB line protocol over TCP")
+    min_http_port: Port = _port(9003, "minimal HTTP server (health, metrics)")
+    pg_user: str = "admin"
+    pg_password: SecretStr = SecretStr("quest")
+    heap: HeapSize = Field(
+        default="1g", description="JVM heap of the local server; data is off-heap"
+    )
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP endpoint (also the web console)."""
+        return f"http://{self.host}:{self.http_port}"
+
+    def ilp_conf(self, **options: str | int) -> str:
+        """A ``questdb`` client configuration string for ILP over HTTP."""
+        parts = [f"http::addr={self.host}:{self.http_port}"]
+        parts.extend(f"{key}={value}" for key, value in options.items())
+        return ";".join(parts) + ";"
+
+
+class MqttSettings(_Section):
+    """The MQTT broker (Mosquitto)."""
+
+    host: str = Field(default="127.0.0.1", description="host clients connect to")
+    port: Port = _port(1883, "MQTT listener of the local broker")
+    username: str | None = None
+    password: SecretStr | None = None
+    max_queued_messages: int = Field(
+        default=1_000_000,
+        ge=0,
+        description=(
+            "messages kept per offline persistent session; Mosquitto's default of 1000 "
+            "would drop QoS 1 readings while a bridge restarts"
+        ),
+    )
+
+
+class ServicesSettings(_Section):
+    """How ``twinflow up`` runs the local services."""
+
+    start_timeout_s: float = Field(default=120.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+    java: str = Field(default="java", description="java executable (JDK 17 or newer)")
+    maven: str = Field(default="mvn", description="Maven executable used to fetch the jars")
+
+
+class Settings(BaseSettings):
+    """Everything twinflow can be told. Frozen: load once, pass down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="forbid",
+    )
+
+    config_file: Path | None = Field(
+        default=None, description=f"TOML file these settings were read from ({CONFIG_FILE_ENV})"
+    )
+    state_dir: Path = Field(
+        default=Path(".twinflow"),
+        description="private folder for service data, logs, PID files and recovery",
+    )
+    lib_dir: Path | None = Field(
+        default=None, description="jar cache for Kafka and QuestDB; default: STATE_DIR/lib"
+    )
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    kafka: KafkaSettings = KafkaSettings()
+    questdb: QuestDBSettings = QuestDBSettings()
+    mqtt: MqttSettings = MqttSettings()
+    services: ServicesSettings = ServicesSettings()
+
+    @field_validator("config_file", "state_dir", "lib_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # Services, Maven and child processes run in other folders; pin the path now.
+        return path.expanduser().resolve() if path is not None else None
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> Self:
+        claimed: dict[int, str] = {}
+        for name, port in self.local_ports().items():
+            if port in claimed:
+                raise ValueError(f"{name} and {claimed[port]} are both set to port {port}")
+            claimed[port] = name
+        return self
+
+    def local_ports(self) -> dict[str, int]:
+        """Every port the local services bind, by setting name."""
+        return {
+            "kafka.port": self.kafka.port,
+            "kafka.controller_port": self.kafka.controller_port,
+            "questdb.http_port": self.questdb.http_port,
+            "questdb.pg_port": self.questdb.pg_port,
+            "questdb.ilp_tcp_port": self.questdb.ilp_tcp_port,
+            "questdb.min_http_port": self.questdb.min_http_port,
+            "mqtt.port": self.mqtt.port,
+        }
+
+    @property
+    def jar_dir(self) -> Path:
+        """Where the Kafka and QuestDB jars are cached."""
+        return self.lib_dir or self.state_dir / "lib"
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting as plain data, secrets shown as ``**********``."""
+        masked: dict[str, Any] = _mask(self.model_dump(mode="python"))
+        return masked
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Add the optional TOML file (named by the ``config_file`` argument) below the env."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if isinstance(init_settings, InitSettingsSource):
+            config_file = init_settings.init_kwargs.get("config_file")
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else ""
+    if isinstance(value, dict):
+        return {key: _mask(item) for key, item in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def env_name(location: tuple[str | int, ...]) -> str:
+    """The environment variable that sets the field at a pydantic error location.
+
+    >>> env_name(("kafka", "port"))
+    'TWINFLOW_KAFKA__PORT'
+    """
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part).upper() for part in location)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate the settings, or raise :class:`ConfigError` naming each bad one.
+
+    ``config_file`` defaults to the file named by ``TWINFLOW_CONFIG``, if any.
+    """
+    if config_file is None and os.environ.get(CONFIG_FILE_ENV):
+        config_file = Path(os.environ[CONFIG_FILE_ENV])
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(
+            f"config file {config_file} does not exist; pass an existing TOML file "
+            f"to --config or {CONFIG_FILE_ENV}"
+        )
+    try:
+        return Settings(config_file=config_file, **overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        location = tuple(error["loc"])
+        if location:
+            dotted = ".".join(str(part) for part in location)
+            where = f"{dotted} (env {env_name(location)})"
+            received = f"; got {error['input']!r}" if "input" in error else ""
+        else:
+            where, received = "settings", ""
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {message}{received}")
+    lines.append("Fix the value in the environment or the config file and run again.")
+    return "\n".join(lines)
