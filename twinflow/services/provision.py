@@ -173,7 +173,7 @@ def resolve_jars(mvn: str, pom: Path, dest: Path, progress: Progress) -> list[Pa
         "-DincludeScope=runtime",
     ]
     try:
-        _stream(argv, _matching(r"Downloaded from \S+ \S+/([^/\s]+) ", progress))
+        _stream(argv, _matching(r"Downloaded from \S+ \S+/([^/\s]+\.jar) ", progress))
     except (OSError, subprocess.CalledProcessError) as exc:
         output = getattr(exc, "output", None) or str(exc)
         # Maven's first ERROR line names the artifact and the cause; the rest is boilerplate.
