@@ -39,6 +39,7 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
 
 Port = int
+DEFAULT_TWIN_MODEL = Path(__file__).resolve().parents[1] / "infra" / "twin-model" / "example-plant.yaml"
 _HEAP = re.compile(r"^[1-9][0-9]*[mMgG]$")
 
 
@@ -103,12 +104,27 @@ class QuestDBSettings(_Section):
 
 
 class MqttSettings(_Section):
-    """The MQTT broker (Mosquitto)."""
+    """The MQTT broker (Mosquitto) and how twinflow's clients connect to it."""
 
     host: str = Field(default="127.0.0.1", description="host clients connect to")
     port: Port = _port(1883, "MQTT listener of the local broker")
     username: str | None = None
     password: SecretStr | None = None
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle; enables TLS")
+    tls_cert_file: Path | None = Field(default=None, description="client certificate (mTLS)")
+    tls_key_file: Path | None = Field(default=None, description="client private key (mTLS)")
+    bridge_client_id: str = Field(
+        default="twinflow-mqtt-bridge",
+        min_length=1,
+        description="fixed id of the bridge's persistent session; one per bridge instance",
+    )
+    bridge_topic_filter: str = "plant/+/+/+/telemetry"
+    session_expiry_s: int = Field(
+        default=86_400, ge=0, description="how long the broker keeps the bridge's session"
+    )
+    receive_maximum: int = Field(
+        default=1000, ge=1, le=65535, description="unacknowledged QoS 1 messages in flight"
+    )
     max_queued_messages: int = Field(
         default=1_000_000,
         ge=0,
@@ -117,6 +133,59 @@ class MqttSettings(_Section):
             "would drop QoS 1 readings while a bridge restarts"
         ),
     )
+
+
+class TopicSettings(_Section):
+    """Kafka topic names and sizes."""
+
+    raw: str = "twin.raw"
+    deadletter: str = "twin.deadletter"
+    ground_truth: str = "twin.ground_truth"
+    raw_partitions: int = Field(default=4, ge=1, le=1024)
+
+
+class OpcUaSettings(_Section):
+    """The OPC UA server the simulator runs and the bridge subscribes to."""
+
+    endpoint: str = Field(
+        default="opc.tcp://127.0.0.1:4840/twinflow/", pattern=r"^opc\.tcp://[^/:]+:\d+(/.*)?$"
+    )
+    namespace: str = "urn:twinflow:plant"
+    security: str = Field(
+        default="none",
+        pattern=r"^(none|basic256sha256)$",
+        description="none, or basic256sha256 (Basic256Sha256, SignAndEncrypt)",
+    )
+    username: str | None = None
+    password: SecretStr | None = None
+    client_cert_file: Path | None = Field(default=None, description="bridge's certificate (DER/PEM)")
+    client_key_file: Path | None = Field(default=None, description="bridge's private key (PEM)")
+    server_cert_file: Path | None = Field(
+        default=None, description="pinned server certificate; a different server is refused"
+    )
+    server_key_file: Path | None = Field(
+        default=None, description="private key of the simulator's server certificate"
+    )
+    publishing_interval_ms: int = Field(default=100, ge=10, le=60_000)
+    queue_size: int = Field(default=1000, ge=1, description="values buffered per monitored item")
+    reconnect_max_backoff_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> Self:
+        if self.security == "basic256sha256" and None in (
+            self.client_cert_file,
+            self.client_key_file,
+        ):
+            raise ValueError(
+                "security basic256sha256 needs client_cert_file and client_key_file "
+                "(TWINFLOW_OPCUA__CLIENT_CERT_FILE, TWINFLOW_OPCUA__CLIENT_KEY_FILE)"
+            )
+        return self
+
+    @property
+    def port(self) -> int:
+        """The TCP port of the endpoint."""
+        return int(self.endpoint.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
 class ServicesSettings(_Section):
@@ -149,12 +218,17 @@ class Settings(BaseSettings):
         default=None, description="jar cache for Kafka and QuestDB; default: STATE_DIR/lib"
     )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    twin_model: Path = Field(
+        default=DEFAULT_TWIN_MODEL, description="YAML file describing asset types and entities"
+    )
     kafka: KafkaSettings = KafkaSettings()
     questdb: QuestDBSettings = QuestDBSettings()
     mqtt: MqttSettings = MqttSettings()
+    opcua: OpcUaSettings = OpcUaSettings()
+    topics: TopicSettings = TopicSettings()
     services: ServicesSettings = ServicesSettings()
 
-    @field_validator("config_file", "state_dir", "lib_dir")
+    @field_validator("config_file", "state_dir", "lib_dir", "twin_model")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         # Services, Maven and child processes run in other folders; pin the path now.

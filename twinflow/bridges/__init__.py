@@ -1,0 +1,1 @@
+"""Bridges from plant protocols (MQTT, OPC UA) into Kafka's ``twin.raw``."""

@@ -1,0 +1,1 @@
+"""The plant simulator: deterministic, physically plausible signals with labeled faults."""

@@ -1,0 +1,264 @@
+"""The twin model: one YAML file describing asset types, their sensors and the plant.
+
+The simulator, the bridges (MQTT topic / OPC UA node -> entity and sensor), the flow
+(cleaning rules, features) and the dashboards all read this one file. A bad file fails
+at load with the path of the offending field and the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twinflow.errors import ConfigError
+
+_NAME = r"^[a-z][a-z0-9_]*$"
+_ENTITY_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# MQTT topic segments must not contain wildcards or separators.
+_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UnitConversion(_Strict):
+    """``canonical = value * factor + offset``."""
+
+    factor: float
+    offset: float = 0.0
+
+    @field_validator("factor")
+    @classmethod
+    def _nonzero(cls, factor: float) -> float:
+        if factor == 0 or not math.isfinite(factor):
+            raise ValueError("factor must be a finite, non-zero number")
+        return factor
+
+    def to_canonical(self, value: float) -> float:
+        """Convert a value in this unit to the canonical unit."""
+        return value * self.factor + self.offset
+
+    def from_canonical(self, value: float) -> float:
+        """Convert a canonical value into this unit."""
+        return (value - self.offset) / self.factor
+
+
+class SensorSpec(_Strict):
+    """One sensor of an asset type, with the rules readings are cleaned by."""
+
+    unit: str = Field(description="canonical unit; readings are normalised to it")
+    accepted_units: dict[str, UnitConversion] = Field(
+        default_factory=dict, description="other units a reading may carry, with conversions"
+    )
+    range: tuple[float, float] = Field(description="valid physical range [min, max]")
+    max_rate: float = Field(gt=0, description="largest plausible change per second")
+    stuck_after_s: float = Field(gt=0, description="unchanged this long means stuck")
+    description: str = ""
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise ValueError(f"range must be [min, max] with min < max, got [{low}, {high}]")
+        return bounds
+
+    @model_validator(mode="after")
+    def _canonical_not_repeated(self) -> Self:
+        if self.unit in self.accepted_units:
+            raise ValueError(f"accepted_units repeats the canonical unit {self.unit!r}")
+        return self
+
+    def conversion(self, unit: str | None) -> UnitConversion | None:
+        """How to bring ``unit`` (None = canonical) to canonical, or None if not accepted."""
+        if unit is None or unit == self.unit:
+            return _IDENTITY
+        return self.accepted_units.get(unit)
+
+
+_IDENTITY = UnitConversion(factor=1.0)
+
+
+class DerivedMetric(_Strict):
+    """A metric computed from the latest values of an entity's sensors."""
+
+    expression: str = Field(description="arithmetic over sensor names: + - * / ** and numbers")
+    unit: str = ""
+
+    def sensors(self) -> frozenset[str]:
+        """Sensor names the expression reads."""
+        return frozenset(
+            node.id for node in ast.walk(ast.parse(self.expression, mode="eval"))
+            if isinstance(node, ast.Name)
+        )
+
+    def evaluate(self, values: Mapping[str, float]) -> float | None:
+        """The metric for ``values``; None when an input is missing or the maths fails.
+
+        >>> DerivedMetric(expression="flow * pressure / 36").evaluate(
+        ...     {"flow": 90.0, "pressure": 4.0})
+        10.0
+        """
+        try:
+            return _evaluate(ast.parse(self.expression, mode="eval").body, values)
+        except (KeyError, ZeroDivisionError, OverflowError):
+            return None
+
+
+_BINARY = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
+
+
+def _evaluate(node: ast.expr, values: Mapping[str, float]) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return float(values[node.id])
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate(node.operand, values)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left, values), _evaluate(node.right, values)
+        return float(_BINARY[type(node.op)](left, right))
+    raise ValueError(f"unsupported expression element {ast.dump(node)}")
+
+
+def _check_expression(expression: str, sensors: Mapping[str, SensorSpec]) -> None:
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"expression {expression!r} is not valid: {exc.msg}") from None
+    allowed = f"expression {expression!r} may only use sensor names, numbers and + - * / **"
+    for node in ast.walk(tree.body):
+        if isinstance(node, ast.Name):
+            if node.id not in sensors:
+                raise ValueError(f"expression uses unknown sensor {node.id!r}")
+        elif isinstance(node, ast.BinOp):
+            if type(node.op) not in _BINARY:
+                raise ValueError(allowed)
+        elif isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, ast.USub):
+                raise ValueError(allowed)
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                raise ValueError(allowed)
+        elif not isinstance(node, ast.operator | ast.unaryop | ast.expr_context):
+            raise ValueError(allowed)
+
+
+class AssetType(_Strict):
+    """A kind of machine: its sensors and derived metrics."""
+
+    description: str = ""
+    sensors: dict[str, SensorSpec] = Field(min_length=1)
+    derived: dict[str, DerivedMetric] = Field(default_factory=dict)
+
+    @field_validator("sensors", "derived")
+    @classmethod
+    def _names(cls, items: dict[str, Any]) -> dict[str, Any]:
+        for name in items:
+            if not re.match(_NAME, name):
+                raise ValueError(f"name {name!r} must be lower_snake_case")
+        return items
+
+    @model_validator(mode="after")
+    def _derived_reads_known_sensors(self) -> Self:
+        for name, metric in self.derived.items():
+            if name in self.sensors:
+                raise ValueError(f"derived metric {name!r} has the name of a sensor")
+            try:
+                _check_expression(metric.expression, self.sensors)
+            except ValueError as exc:
+                raise ValueError(f"derived.{name}: {exc}") from None
+        return self
+
+
+class Entity(_Strict):
+    """One machine in the plant."""
+
+    id: str = Field(pattern=_ENTITY_ID)
+    type: str
+    site: str = Field(pattern=_SEGMENT)
+    line: str = Field(pattern=_SEGMENT)
+    parent: str | None = None
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @property
+    def mqtt_topic(self) -> str:
+        """Where this entity publishes its telemetry."""
+        return f"plant/{self.site}/{self.line}/{self.id}/telemetry"
+
+
+class TwinModel(_Strict):
+    """The whole plant: asset types and the entity registry."""
+
+    version: int = Field(ge=1, le=1)
+    asset_types: dict[str, AssetType] = Field(min_length=1)
+    entities: list[Entity] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _registry_consistent(self) -> Self:
+        seen: set[str] = set()
+        for index, entity in enumerate(self.entities):
+            where = f"entities[{index}] ({entity.id})"
+            if entity.id in seen:
+                raise ValueError(f"{where}: duplicate entity id")
+            seen.add(entity.id)
+            if entity.type not in self.asset_types:
+                known = ", ".join(sorted(self.asset_types))
+                raise ValueError(f"{where}: unknown asset type {entity.type!r} (known: {known})")
+        for index, entity in enumerate(self.entities):
+            if entity.parent is not None and entity.parent not in seen:
+                raise ValueError(
+                    f"entities[{index}] ({entity.id}): parent {entity.parent!r} is not an entity"
+                )
+        return self
+
+    @cached_property
+    def by_id(self) -> dict[str, Entity]:
+        """Entities by id."""
+        return {entity.id: entity for entity in self.entities}
+
+    @cached_property
+    def by_mqtt_topic(self) -> dict[str, Entity]:
+        """Entities by the MQTT topic they publish on."""
+        return {entity.mqtt_topic: entity for entity in self.entities}
+
+    def sensors_of(self, entity_id: str) -> dict[str, SensorSpec]:
+        """The sensor specs of an entity (KeyError if unknown)."""
+        return self.asset_types[self.by_id[entity_id].type].sensors
+
+
+def load_twin_model(path: Path) -> TwinModel:
+    """Read and validate a twin model file, or raise :class:`ConfigError` saying where."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"twin model file {path} does not exist; set TWINFLOW_TWIN_MODEL or --model"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"twin model {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"twin model {path} must be a mapping with asset_types and entities")
+    try:
+        return TwinModel.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            problems.append(f"  - {where}: {error['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"twin model {path} is invalid:\n" + "\n".join(problems)) from None
