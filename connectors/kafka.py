@@ -65,8 +65,12 @@ def ensure_topics(kafka: KafkaSettings, specs: Iterable[TopicSpec], timeout_s: f
     if missing:
         futures = admin.create_topics(
             [
-                NewTopic(spec.name, num_partitions=spec.partitions, replication_factor=-1,
-                         config=spec.config)
+                NewTopic(
+                    spec.name,
+                    num_partitions=spec.partitions,
+                    replication_factor=-1,
+                    config=spec.config,
+                )
                 for spec in missing
             ],
             operation_timeout=timeout_s,

@@ -39,7 +39,9 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
 
 Port = int
-DEFAULT_TWIN_MODEL = Path(__file__).resolve().parents[1] / "infra" / "twin-model" / "example-plant.yaml"
+DEFAULT_TWIN_MODEL = (
+    Path(__file__).resolve().parents[1] / "infra" / "twin-model" / "example-plant.yaml"
+)
 _HEAP = re.compile(r"^[1-9][0-9]*[mMgG]$")
 
 
@@ -158,7 +160,9 @@ class OpcUaSettings(_Section):
     )
     username: str | None = None
     password: SecretStr | None = None
-    client_cert_file: Path | None = Field(default=None, description="bridge's certificate (DER/PEM)")
+    client_cert_file: Path | None = Field(
+        default=None, description="bridge's certificate (DER/PEM)"
+    )
     client_key_file: Path | None = Field(default=None, description="bridge's private key (PEM)")
     server_cert_file: Path | None = Field(
         default=None, description="pinned server certificate; a different server is refused"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Self
@@ -97,7 +98,8 @@ class DerivedMetric(_Strict):
     def sensors(self) -> frozenset[str]:
         """Sensor names the expression reads."""
         return frozenset(
-            node.id for node in ast.walk(ast.parse(self.expression, mode="eval"))
+            node.id
+            for node in ast.walk(ast.parse(self.expression, mode="eval"))
             if isinstance(node, ast.Name)
         )
 
@@ -114,12 +116,12 @@ class DerivedMetric(_Strict):
             return None
 
 
-_BINARY = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.Pow: lambda a, b: a**b,
+_BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
 }
 
 
