@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from twinflow.settings import MqttSettings
 
@@ -15,3 +17,12 @@ def new_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
         password = settings.password.get_secret_value() if settings.password else None
         client.username_pw_set(settings.username, password)
     return client
+
+
+def session_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
+    """CONNECT properties of a persistent MQTT v5 session."""
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        properties.ReceiveMaximum = receive_maximum
+    return properties

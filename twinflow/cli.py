@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
+import time
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +21,7 @@ from twinflow import smoke
 from twinflow.errors import ConfigError, TwinflowError
 from twinflow.services import manager
 from twinflow.settings import Settings, load_settings
+from twinflow.twin_model import TwinModel, load_twin_model
 
 app = typer.Typer(
     help="twinflow: stream processing for industrial digital twins.",
@@ -49,6 +55,11 @@ def _settings() -> Settings:
         # loading, a coordinator moving); those are worth seeing only when debugging.
         logging.getLogger("twinflow.librdkafka").setLevel(
             logging.DEBUG if level == "DEBUG" else logging.ERROR
+        )
+        # asyncua logs every publish response at INFO; at thousands of values per second
+        # that costs more than the bridging itself.
+        logging.getLogger("asyncua").setLevel(
+            logging.DEBUG if level == "DEBUG" else logging.WARNING
         )
     return _context.settings
 
@@ -113,10 +124,21 @@ def status(
         raise typer.Exit(1)
 
 
+DEMO_SECONDS = 20.0
+DEMO_RATE = 2000.0
+
+
 @app.command()
 def demo() -> None:
-    """Bring the services up and prove each with a real round trip."""
+    """Bring the services up, prove each, then run the plant through MQTT into Kafka."""
+    from twinflow.bridges.mqtt import MqttBridge
+    from twinflow.sim.messages import DataFaultPlan
+    from twinflow.sim.run import SimulateOptions
+    from twinflow.sim.run import simulate as play
+    from twinflow.sim.scenario import ScenarioConfig
+
     settings = _settings()
+    twin = load_twin_model(settings.twin_model)
     with err.status("starting services…"):
         manager.up(settings, [], _progress)
     run_id = uuid.uuid4().hex[:12]
@@ -126,10 +148,175 @@ def demo() -> None:
     _progress(f"QuestDB: row written over ILP/HTTP, visible to SQL after {lag_ms} ms")
     smoke.mqtt_round_trip(settings, f"twinflow/smoke/{run_id}", run_id.encode())
     _progress("MQTT: QoS 1 message published and received")
+
+    # The demo prints its own progress; the bridge's periodic stats would repeat it.
+    logging.getLogger("twinflow.bridge.mqtt").setLevel(logging.WARNING)
+    bridge = MqttBridge(settings, twin)
+    stop = threading.Event()
+    bridging = threading.Thread(target=bridge.run, args=(stop,), name="mqtt-bridge")
+    bridging.start()
+    try:
+        if not bridge.subscribed.wait(30):
+            raise TwinflowError("the MQTT bridge did not subscribe within 30 s")
+        _progress(
+            f"simulating {len(twin.entities)} machines for {DEMO_SECONDS:.0f} s at "
+            f"{DEMO_RATE:.0f} readings/s: MQTT -> bridge -> Kafka {settings.topics.raw}"
+        )
+        truth = play(
+            settings,
+            twin,
+            ScenarioConfig(
+                start_ms=int(datetime.now(UTC).timestamp() * 1000),
+                duration_s=DEMO_SECONDS,
+                rate=DEMO_RATE,
+            ),
+            DataFaultPlan(),
+            SimulateOptions(ground_truth_file=settings.state_dir / "sim" / "demo-truth.json"),
+            progress=lambda tally: _progress(
+                f"published {tally.messages} messages; bridged {bridge.stats.forwarded}, "
+                f"dead-lettered {bridge.stats.dead_lettered}"
+            ),
+        )
+        published = truth["counts"]["messages"]
+        deadline = time.monotonic() + 30
+        while bridge.stats.acked < published and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        bridging.join()
+    stats = bridge.stats
+    out.print(
+        f"plant: {published} MQTT messages ({truth['counts']['valid_readings']} valid readings); "
+        f"bridge: {stats.forwarded} to {settings.topics.raw}, {stats.dead_lettered} to "
+        f"{settings.topics.deadletter} {dict(sorted(stats.reasons.items()))}"
+    )
     _print_status(manager.status(settings))
     out.print(
         f"QuestDB console: {settings.questdb.http_url}   "
         "Services keep running; stop them with `twinflow down` (or `make down`)."
+    )
+
+
+bridge_app = typer.Typer(help="Bridges from plant protocols into Kafka.", no_args_is_help=True)
+app.add_typer(bridge_app, name="bridge")
+
+ModelOption = Annotated[
+    Path | None, typer.Option("--model", help="twin model YAML (default: the settings' twin_model)")
+]
+
+
+def _model(path: Path | None) -> TwinModel:
+    return load_twin_model(path or _settings().twin_model)
+
+
+def _until_interrupted(target: Callable[[threading.Event], None]) -> None:
+    """Run ``target(stop)``; SIGINT/SIGTERM set ``stop`` so it can finish cleanly."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_args: stop.set())
+    target(stop)
+
+
+@bridge_app.command("mqtt")
+def bridge_mqtt(model: ModelOption = None) -> None:
+    """Forward MQTT telemetry (QoS 1, persistent session) into Kafka's raw topic."""
+    from twinflow.bridges import mqtt as mqtt_bridge
+
+    settings, twin = _settings(), _model(model)
+    _until_interrupted(lambda stop: mqtt_bridge.run(settings, twin, stop))
+
+
+@bridge_app.command("opcua")
+def bridge_opcua(model: ModelOption = None) -> None:
+    """Subscribe to the plant's OPC UA variables and forward changes into Kafka."""
+    from twinflow.bridges import opcua as opcua_bridge
+
+    settings, twin = _settings(), _model(model)
+    _until_interrupted(lambda stop: opcua_bridge.run(settings, twin, stop))
+
+
+@app.command()
+def simulate(
+    model: ModelOption = None,
+    entities: Annotated[int | None, typer.Option(help="first N entities of the model")] = None,
+    rate: Annotated[float, typer.Option(help="readings per second, whole plant")] = 1000.0,
+    duration: Annotated[float, typer.Option(help="simulated seconds")] = 60.0,
+    seed: Annotated[int, typer.Option(help="same seed, same readings and faults")] = 7,
+    start: Annotated[
+        datetime | None, typer.Option(help="event time of the first reading, UTC (default: now)")
+    ] = None,
+    speed: Annotated[float, typer.Option(help="simulated seconds per wall second")] = 1.0,
+    max_speed: Annotated[
+        bool, typer.Option("--max-speed", help="publish as fast as possible")
+    ] = False,
+    mqtt: Annotated[bool, typer.Option("--mqtt/--no-mqtt", help="publish over MQTT")] = True,
+    opcua: Annotated[bool, typer.Option("--opcua/--no-opcua", help="serve OPC UA")] = False,
+    fault_share: Annotated[
+        float, typer.Option(help="share of entities with a process fault and with a sensor fault")
+    ] = 0.3,
+    data_faults: Annotated[
+        float, typer.Option(help="multiplier of the default data-fault rates (0 = none)")
+    ] = 1.0,
+    batched_share: Annotated[float, typer.Option(help="share of entities sending batches")] = 0.5,
+    ground_truth: Annotated[
+        Path | None, typer.Option(help="where to write the ground truth (default: state folder)")
+    ] = None,
+    publish_ground_truth: Annotated[
+        bool, typer.Option("--publish-ground-truth", help="also send faults to Kafka")
+    ] = False,
+) -> None:
+    """Simulate the plant: correlated signals with labeled faults, over MQTT and OPC UA."""
+    from twinflow.sim.faults import FaultPlan
+    from twinflow.sim.messages import DataFaultPlan
+    from twinflow.sim.run import SimulateOptions
+    from twinflow.sim.run import simulate as play
+    from twinflow.sim.scenario import ScenarioConfig
+
+    settings, twin = _settings(), _model(model)
+    for name, share in (("--fault-share", fault_share), ("--batched-share", batched_share)):
+        if not 0 <= share <= 1:
+            raise ConfigError(f"{name} must be between 0 and 1, got {share}")
+    if data_faults < 0 or speed <= 0:
+        raise ConfigError("--data-faults must be >= 0 and --speed > 0")
+    begin = start.replace(tzinfo=UTC) if start and start.tzinfo is None else start
+    defaults = DataFaultPlan()
+    plan = DataFaultPlan(
+        batched_share=batched_share,
+        duplicate=defaults.duplicate * data_faults,
+        out_of_order=defaults.out_of_order * data_faults,
+        late=defaults.late * data_faults,
+        malformed=defaults.malformed * data_faults,
+        unknown_entity=defaults.unknown_entity * data_faults,
+    )
+    config = ScenarioConfig(
+        start_ms=int((begin or datetime.now(UTC)).timestamp() * 1000),
+        duration_s=duration,
+        rate=rate,
+        entities=entities,
+        seed=seed,
+        faults=FaultPlan(process_fault_share=fault_share, sensor_fault_share=fault_share),
+    )
+    truth_file = ground_truth or settings.state_dir / "sim" / f"ground-truth-{seed}.json"
+    options = SimulateOptions(
+        mqtt=mqtt,
+        opcua=opcua,
+        speed=None if max_speed else speed,
+        ground_truth_file=truth_file,
+        ground_truth_topic=publish_ground_truth,
+    )
+    truth = play(
+        settings,
+        twin,
+        config,
+        plan,
+        options,
+        progress=lambda tally: _progress(
+            f"published {tally.messages} messages, {tally.valid_readings} valid readings"
+        ),
+    )
+    counts = truth["counts"]
+    out.print_json(
+        json.dumps({"ground_truth": str(truth_file), "elapsed_s": truth["elapsed_s"], **counts})
     )
 
 

@@ -120,7 +120,6 @@ class MqttSettings(_Section):
         min_length=1,
         description="fixed id of the bridge's persistent session; one per bridge instance",
     )
-    bridge_topic_filter: str = "plant/+/+/+/telemetry"
     session_expiry_s: int = Field(
         default=86_400, ge=0, description="how long the broker keeps the bridge's session"
     )

@@ -198,16 +198,14 @@ class Entity(_Strict):
     parent: str | None = None
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
-    @property
-    def mqtt_topic(self) -> str:
-        """Where this entity publishes its telemetry."""
-        return f"plant/{self.site}/{self.line}/{self.id}/telemetry"
-
 
 class TwinModel(_Strict):
     """The whole plant: asset types and the entity registry."""
 
     version: int = Field(ge=1, le=1)
+    mqtt_topic_prefix: str = Field(
+        default="plant", pattern=_SEGMENT, description="first level of every telemetry topic"
+    )
     asset_types: dict[str, AssetType] = Field(min_length=1)
     entities: list[Entity] = Field(min_length=1)
 
@@ -237,7 +235,16 @@ class TwinModel(_Strict):
     @cached_property
     def by_mqtt_topic(self) -> dict[str, Entity]:
         """Entities by the MQTT topic they publish on."""
-        return {entity.mqtt_topic: entity for entity in self.entities}
+        return {self.mqtt_topic(entity): entity for entity in self.entities}
+
+    def mqtt_topic(self, entity: Entity) -> str:
+        """Where ``entity`` publishes its telemetry: ``<prefix>/<site>/<line>/<id>/telemetry``."""
+        return f"{self.mqtt_topic_prefix}/{entity.site}/{entity.line}/{entity.id}/telemetry"
+
+    @property
+    def mqtt_topic_filter(self) -> str:
+        """The subscription that receives every entity's telemetry (and strangers')."""
+        return f"{self.mqtt_topic_prefix}/+/+/+/telemetry"
 
     def sensors_of(self, entity_id: str) -> dict[str, SensorSpec]:
         """The sensor specs of an entity (KeyError if unknown)."""

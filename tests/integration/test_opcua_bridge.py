@@ -1,0 +1,595 @@
+"""The OPC UA simulator server and the OPC UA -> Kafka bridge, against real parts.
+
+The server runs in a process of its own (tests/opcua_server_process.py), so that it can
+be SIGKILLed like a crashed PLC gateway; the bridge runs in a thread; readings are read
+back from a fresh Kafka topic.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jsonschema
+import pytest
+from asyncua import Client, ua
+from asyncua.crypto import cert_gen
+from confluent_kafka import Consumer
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from pydantic import SecretStr
+
+from connectors.kafka import TopicSpec, client_config, ensure_topics
+from schemas.raw import decode_raw
+from tests.helpers import free_ports
+from tests.opcua_server_process import (
+    DROPOUT_EVERY,
+    DROPOUT_TICK,
+    STUCK_SENSOR_INDEX,
+    dropped_at,
+    value_at,
+)
+from twinflow.bridges.opcua import OpcUaSecurityError, run
+from twinflow.settings import Settings
+from twinflow.sim.opcua_server import PlantOpcUaServer
+from twinflow.sim.samples import Sample
+from twinflow.twin_model import TwinModel, load_twin_model
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RAW_SCHEMA = json.loads((ROOT / "schemas" / "json" / "raw_reading.v1.schema.json").read_text())
+ENTITIES = ["pump-001", "motor-001", "compressor-001"]
+PERIOD_MS = 50
+RESUME_LIMIT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+def model() -> TwinModel:
+    return load_twin_model(ROOT / "infra" / "twin-model" / "example-plant.yaml")
+
+
+@pytest.fixture
+def bridged(stack: Settings, unique: str) -> Settings:
+    """Settings with a fresh raw topic and an OPC UA endpoint on a free port."""
+    topic = f"test.opcua.{unique}"
+    ensure_topics(stack.kafka, [TopicSpec(topic, stack.topics.raw_partitions)])
+    (port,) = free_ports(1)
+    return stack.model_copy(
+        update={
+            "topics": stack.topics.model_copy(update={"raw": topic}),
+            "opcua": stack.opcua.model_copy(
+                update={"endpoint": f"opc.tcp://127.0.0.1:{port}/twinflow/"}
+            ),
+        }
+    )
+
+
+# --- the server process ----------------------------------------------------------------
+
+
+def _opcua_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.opcua.model_dump().items():
+        key = f"TWINFLOW_OPCUA__{name.upper()}"
+        if isinstance(value, SecretStr):
+            env[key] = value.get_secret_value()
+        elif value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+@dataclass(frozen=True)
+class _Server:
+    process: subprocess.Popen[str]
+    start_ms: int
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+
+@contextmanager
+def _server_process(settings: Settings) -> Iterator[_Server]:
+    """Start the server process; yield it with the ``start_ms`` of its tick 0."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.opcua_server_process",
+            "--entities",
+            ",".join(ENTITIES),
+            "--period-ms",
+            str(PERIOD_MS),
+        ],
+        cwd=ROOT,
+        env=_opcua_env(settings),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        line = process.stdout.readline() if ready else ""
+        assert line.startswith("ready "), f"server did not start (said {line!r})"
+        yield _Server(process, int(line.split()[1]))
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        assert process.stdin is not None
+        process.stdin.close()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+class _Relay:
+    """A TCP relay to the server whose links can freeze: a path gone silent, no FIN, no RST."""
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self._port, self._target_port = port, target_port
+        self._frozen: set[int] = set()
+        self._links = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "_Relay":
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._link, "127.0.0.1", self._port), self._loop
+        ).result(10)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def freeze(self) -> None:
+        """Silence every open link for good; new links work."""
+        self._loop.call_soon_threadsafe(lambda: self._frozen.update(range(1, self._links + 1)))
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._links += 1
+        link = self._links
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self._target_port
+        )
+        self._writers += [writer, upstream_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    if link not in self._frozen:
+                        sink.write(data)
+                        await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    async def _close(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        await asyncio.gather(*handlers)
+
+
+# --- the bridge thread and the topic ---------------------------------------------------
+
+
+class _BridgeThread:
+    def __init__(self, settings: Settings, model: TwinModel) -> None:
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(settings, model), daemon=True)
+
+    def _run(self, settings: Settings, model: TwinModel) -> None:
+        try:
+            run(settings, model, self.stop)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def __enter__(self) -> "_BridgeThread":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the bridge did not stop"
+        assert self.errors == []
+
+
+@dataclass(frozen=True)
+class _Message:
+    key: str
+    raw: bytes
+    reading: dict[str, object]
+
+
+class _Topic:
+    def __init__(self, settings: Settings) -> None:
+        self._consumer = Consumer(
+            client_config(
+                settings.kafka,
+                **{"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest"},
+            )
+        )
+        self._consumer.subscribe([settings.topics.raw])
+        self.messages: list[_Message] = []
+
+    def _read(self) -> None:
+        for message in self._consumer.consume(num_messages=1000, timeout=0.2):
+            assert message.error() is None
+            self.messages.append(
+                _Message(message.key().decode(), message.value(), json.loads(message.value()))
+            )
+
+    def wait_for(self, done: Callable[[list[_Message]], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.messages):
+            assert time.monotonic() < deadline, f"timed out with {len(self.messages)} messages"
+            self._read()
+
+    def settle(self, quiet_s: float, timeout_s: float = 20) -> None:
+        """Read until no message came for ``quiet_s``."""
+        deadline = time.monotonic() + timeout_s
+        last_change, count = time.monotonic(), len(self.messages)
+        while time.monotonic() - last_change < quiet_s:
+            assert time.monotonic() < deadline, "messages kept coming"
+            self._read()
+            if len(self.messages) != count:
+                last_change, count = time.monotonic(), len(self.messages)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+@contextmanager
+def _topic(settings: Settings) -> Iterator[_Topic]:
+    topic = _Topic(settings)
+    try:
+        yield topic
+    finally:
+        topic.close()
+
+
+def _ts(message: _Message) -> int:
+    ts = message.reading["ts"]
+    assert isinstance(ts, int)
+    return ts
+
+
+def _readings(messages: list[_Message], since_ms: int) -> dict[tuple[str, str], list[int]]:
+    """Timestamps by (entity, sensor) of the readings at or after ``since_ms``."""
+    found: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for message in messages:
+        ts = _ts(message)
+        if ts >= since_ms:
+            found[(str(message.reading["entity_id"]), str(message.reading["sensor"]))].append(ts)
+    return found
+
+
+def _every_sensor(model: TwinModel) -> set[tuple[str, str]]:
+    return {(entity, sensor) for entity in ENTITIES for sensor in model.sensors_of(entity)}
+
+
+def _check_message(message: _Message, model: TwinModel, starts: list[int]) -> None:
+    """The message is a valid raw reading carrying exactly what the server wrote."""
+    jsonschema.validate(message.reading, RAW_SCHEMA)
+    decoded = decode_raw(message.raw)
+    entity, sensor = decoded.entity_id, decoded.sensor
+    assert sensor is not None
+    assert message.key == entity
+    sensors = list(model.sensors_of(entity))
+    assert decoded.unit == model.sensors_of(entity)[sensor].unit
+    assert decoded.quality == "good"
+    assert decoded.source == f"opcua:ns=2;s={entity}/{sensor}"
+    # The timestamp is one the server wrote: on the tick grid of the run it came from.
+    start = max(start for start in starts if start <= decoded.ts_ms)
+    tick, offset = divmod(decoded.ts_ms - start, PERIOD_MS)
+    assert offset == 0
+    entity_index, sensor_index = ENTITIES.index(entity), sensors.index(sensor)
+    assert not dropped_at(entity_index, sensor_index, tick)
+    assert decoded.value == value_at(entity_index, sensor_index, tick)
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+def test_readings_flow_and_resume_after_the_server_is_killed(
+    bridged: Settings, model: TwinModel
+) -> None:
+    every_sensor = _every_sensor(model)
+    with _topic(bridged) as topic, _BridgeThread(bridged, model):
+        with _server_process(bridged) as first:
+            first_start = first.start_ms
+            topic.wait_for(
+                lambda got: (
+                    all(len(ts) >= 20 for ts in _readings(got, first_start).values())
+                    and set(_readings(got, first_start)) == every_sensor
+                ),
+                timeout_s=30,
+            )
+        killed_ms = time.time_ns() // 1_000_000
+        before = _readings(topic.messages, first_start)
+
+        with _server_process(bridged) as second:
+            second_start = second.start_ms
+            assert second_start >= killed_ms
+            topic.wait_for(
+                lambda got: set(_readings(got, second_start)) == every_sensor, timeout_s=20
+            )
+            # A few more ticks, so that repeats or losses after the resume would show.
+            last_seen = max(ts for ts in _readings(topic.messages, second_start).values())
+            topic.wait_for(
+                lambda got: (
+                    min(map(max, _readings(got, second_start).values()))
+                    >= max(last_seen) + 10 * PERIOD_MS
+                ),
+                timeout_s=10,
+            )
+        after = _readings(topic.messages, second_start)
+
+    assert set(before) == every_sensor and all(before.values())
+    assert set(after) == every_sensor and all(after.values())
+    # Every reading of the first run was sent before the kill; none is from between.
+    assert max(max(ts) for ts in before.values()) < killed_ms
+    assert all(
+        m.reading["ts"] < killed_ms or m.reading["ts"] >= second_start for m in topic.messages
+    )
+    # The bridge resumed with every monitored item, soon after the new server was up.
+    resume_ms = max(min(ts) for ts in after.values()) - second_start
+    assert 0 <= resume_ms <= RESUME_LIMIT_MS, f"resumed after {resume_ms} ms"
+
+    for message in topic.messages:
+        _check_message(message, model, [first_start, second_start])
+    # No reading twice, not even around the reconnect.
+    keys = [(m.reading["entity_id"], m.reading["sensor"], m.reading["ts"]) for m in topic.messages]
+    assert len(keys) == len(set(keys))
+
+    first_entity = list(model.sensors_of(ENTITIES[0]))
+    for start, run_readings in ((first_start, before), (second_start, after)):
+        ticks = {
+            key: {(ts - start) // PERIOD_MS for ts in tss} for key, tss in run_readings.items()
+        }
+        # A stuck sensor reports every tick, like a changing one.
+        for entity in ENTITIES:
+            sensors = list(model.sensors_of(entity))
+            stuck, changing = sensors[STUCK_SENSOR_INDEX], sensors[STUCK_SENSOR_INDEX + 1]
+            assert ticks[(entity, stuck)] == ticks[(entity, changing)]
+        # A dropout is a gap, not a reading; the sensor reports again after it.
+        dropping = (ENTITIES[0], first_entity[0])
+        neighbour = ticks[(ENTITIES[0], first_entity[2])]
+        dropout_ticks = {tick for tick in neighbour if tick % DROPOUT_EVERY == DROPOUT_TICK}
+        assert dropout_ticks, "the run was too short to see a dropout"
+        assert ticks[dropping] == neighbour - dropout_ticks
+
+
+def _bridge_logs(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "twinflow.bridges.opcua" and record.getMessage().startswith(prefix)
+    ]
+
+
+def test_a_silent_network_drop_is_detected_and_no_reading_is_sent_twice(
+    bridged: Settings, model: TwinModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="twinflow.bridges.opcua")
+    (server_port,) = free_ports(1)
+    direct = bridged.model_copy(
+        update={
+            "opcua": bridged.opcua.model_copy(
+                update={"endpoint": f"opc.tcp://127.0.0.1:{server_port}/twinflow/"}
+            )
+        }
+    )
+    every_sensor = _every_sensor(model)
+    with (
+        _server_process(direct) as server,
+        _Relay(bridged.opcua.port, server_port) as relay,
+        _topic(bridged) as topic,
+        _BridgeThread(bridged, model),
+    ):
+        topic.wait_for(
+            lambda got: set(_readings(got, server.start_ms)) == every_sensor, timeout_s=30
+        )
+        # With the server quiet, a resubscription finds the values already sent.
+        server.send("pause")
+        topic.settle(quiet_s=1.0)
+        before = len(topic.messages)
+        last_tick = (max(_ts(m) for m in topic.messages) - server.start_ms) // PERIOD_MS
+        frozen_at = time.monotonic()
+        relay.freeze()
+        while len(_bridge_logs(caplog, "monitoring ")) < 2:
+            assert time.monotonic() - frozen_at < 20, "the bridge did not reconnect"
+            time.sleep(0.05)
+        detected_s = time.monotonic() - frozen_at
+        topic.settle(quiet_s=1.0)
+        assert len(topic.messages) == before
+        resumed_ms = time.time_ns() // 1_000_000
+        server.send("resume")
+        topic.wait_for(lambda got: set(_readings(got, resumed_ms)) == every_sensor, timeout_s=20)
+
+    # Probe interval (1 s) + probe timeout (2 s) + first backoff (0.5 s) + reconnect.
+    assert detected_s < 6, f"reconnected {detected_s:.1f} s after the link froze"
+    keys = [(m.reading["entity_id"], m.reading["sensor"], m.reading["ts"]) for m in topic.messages]
+    assert len(keys) == len(set(keys))
+    for message in topic.messages:
+        _check_message(message, model, [server.start_ms])
+    # Every item's current value came again on resubscribing, and was not produced.
+    stats = dict(
+        field.split("=") for field in _bridge_logs(caplog, "opcua bridge:")[-1].split()[2:]
+    )
+    silent_dropout = dropped_at(0, 0, last_tick)
+    assert int(stats["repeats"]) == len(every_sensor) - silent_dropout
+    assert int(stats["reconnects"]) == 1
+
+
+def _certificate(
+    directory: Path, name: str, uri: str, usage: list[x509.ObjectIdentifier]
+) -> tuple[Path, Path]:
+    key = cert_gen.generate_private_key()
+    certificate = cert_gen.generate_self_signed_app_certificate(
+        key,
+        name,
+        {},
+        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        extended=usage,
+    )
+    cert_file, key_file = directory / f"{name}.der", directory / f"{name}.pem"
+    cert_file.write_bytes(certificate.public_bytes(Encoding.DER))
+    key_file.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_file, key_file
+
+
+def _refused(settings: Settings, model: TwinModel) -> OpcUaSecurityError:
+    """Run the bridge and return the security error it must stop with."""
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def target() -> None:
+        try:
+            run(settings, model, stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    stop.set()
+    thread.join(30)
+    assert len(errors) == 1, "the bridge kept running instead of refusing"
+    assert isinstance(errors[0], OpcUaSecurityError)
+    return errors[0]
+
+
+def test_basic256sha256_with_password_and_pinned_server(
+    bridged: Settings, model: TwinModel, tmp_path: Path
+) -> None:
+    server_uri = "urn:twinflow:test:server"
+    server_cert, server_key = _certificate(
+        tmp_path, "server", server_uri, [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+    client_cert, client_key = _certificate(
+        tmp_path, "client", "urn:twinflow:test:bridge", [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    impostor_cert, _ = _certificate(
+        tmp_path, "impostor", server_uri, [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+    secure = bridged.opcua.model_copy(
+        update={
+            "security": "basic256sha256",
+            "username": "bridge",
+            "password": SecretStr("s3cret"),
+            "client_cert_file": client_cert,
+            "client_key_file": client_key,
+            "server_cert_file": server_cert,
+            "server_key_file": server_key,
+        }
+    )
+    settings = bridged.model_copy(update={"opcua": secure})
+
+    def variant(**update: object) -> Settings:
+        return settings.model_copy(update={"opcua": secure.model_copy(update=update)})
+
+    with _server_process(settings) as server, _topic(settings) as topic:
+        start = server.start_ms
+        error = _refused(variant(server_cert_file=impostor_cert), model)
+        assert "pinned" in str(error) and str(impostor_cert) in str(error)
+        _refused(variant(password=SecretStr("wrong")), model)
+        error = _refused(variant(security="none"), model)
+        assert "offers no" in str(error) and "SecurityPolicy#None" in str(error)
+
+        with _BridgeThread(settings, model):
+            topic.wait_for(
+                lambda got: set(_readings(got, start)) == _every_sensor(model), timeout_s=20
+            )
+    for message in topic.messages:
+        _check_message(message, model, [start])
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on ``port`` (Linux /proc, hex form)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.rsplit(":", 1)
+            if state == "0A" and int(local_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_address_space_units_timestamps_and_status(bridged: Settings, model: TwinModel) -> None:
+    ts_ms = 1_767_225_600_123  # 2026-01-01T00:00:00.123Z
+    port = bridged.opcua.port
+    # An endpoint naming any host still listens on loopback only.
+    anywhere = bridged.opcua.model_copy(update={"endpoint": f"opc.tcp://0.0.0.0:{port}/twinflow/"})
+
+    async def scenario() -> None:
+        async with PlantOpcUaServer(anywhere, model, ["pump-001"]) as server:
+            assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1
+            await server.publish(
+                Sample("pump-001", ts_ms, {"discharge_pressure": 4.25}, dropped=("flow",))
+            )
+            async with Client(bridged.opcua.endpoint) as client:
+                index = await client.get_namespace_index(bridged.opcua.namespace)
+                assert server.namespace_index == index
+                pressure = await client.nodes.objects.get_child(
+                    [f"{index}:Plant", f"{index}:pump-001", f"{index}:discharge_pressure"]
+                )
+                assert pressure.nodeid == ua.NodeId("pump-001/discharge_pressure", index)
+                assert pressure.nodeid == server.node_id("pump-001", "discharge_pressure")
+                value = await pressure.read_data_value()
+                assert value.Value is not None and value.Value.Value == 4.25
+                assert value.Value.VariantType == ua.VariantType.Double
+                assert value.StatusCode is not None and value.StatusCode.is_good()
+                assert value.SourceTimestamp == datetime(2026, 1, 1, 0, 0, 0, 123_000, UTC)
+                assert value.ServerTimestamp is not None
+
+                units = await pressure.get_child("0:EngineeringUnits")
+                info = await units.read_value()
+                assert isinstance(info, ua.EUInformation)
+                assert (
+                    info.DisplayName.Text == model.sensors_of("pump-001")["discharge_pressure"].unit
+                )
+
+                flow = client.get_node(ua.NodeId("pump-001/flow", index))
+                dropped = await flow.read_data_value(raise_on_bad_status=False)
+                assert dropped.StatusCode == ua.StatusCode(ua.StatusCodes.BadNoCommunication)
+                assert dropped.SourceTimestamp == value.SourceTimestamp
+
+                never = client.get_node(ua.NodeId("pump-001/bearing_temp", index))
+                unwritten = await never.read_data_value(raise_on_bad_status=False)
+                assert unwritten.StatusCode == ua.StatusCode(
+                    ua.StatusCodes.BadWaitingForInitialData
+                )
+
+    asyncio.run(scenario())
