@@ -3,31 +3,16 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_ports
+from tests.helpers import clean_env, free_ports, twinflow_cli
 from twinflow.services.process import port_is_free, process_start_ticks
 from twinflow.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-def _twinflow(
-    env: dict[str, str], *args: str, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "twinflow", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -43,23 +28,23 @@ def isolated_env(stack: Settings, tmp_path: Path) -> Iterator[dict[str, str]]:
         "QUESTDB__MIN_HTTP_PORT",
         "MQTT__PORT",
     ]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
+    env = clean_env()
     env.update({f"TWINFLOW_{name}": str(port) for name, port in zip(names, ports, strict=True)})
     env["TWINFLOW_STATE_DIR"] = str(tmp_path / "state")
     env["TWINFLOW_LIB_DIR"] = str(stack.jar_dir)
     env["TWINFLOW_KAFKA__HEAP"] = "512m"
     env["TWINFLOW_QUESTDB__HEAP"] = "512m"
     yield env
-    _twinflow(env, "down")  # never leave a process behind, even when an assert failed
+    twinflow_cli(env, "down")  # never leave a process behind, even when an assert failed
 
 
 def _status(env: dict[str, str]) -> list[dict[str, object]]:
-    result = _twinflow(env, "status", "--json")
+    result = twinflow_cli(env, "status", "--json")
     return json.loads(result.stdout)
 
 
 def test_up_twice_is_a_noop_and_down_leaves_nothing(isolated_env: dict[str, str]) -> None:
-    first = _twinflow(isolated_env, "up")
+    first = twinflow_cli(isolated_env, "up")
     assert first.returncode == 0, first.stderr
     rows = _status(isolated_env)
     assert [(row["name"], row["state"]) for row in rows] == [
@@ -74,16 +59,16 @@ def test_up_twice_is_a_noop_and_down_leaves_nothing(isolated_env: dict[str, str]
     state_dir = Path(isolated_env["TWINFLOW_STATE_DIR"])
     assert state_dir.stat().st_mode & 0o777 == 0o700
 
-    second = _twinflow(isolated_env, "up")
+    second = twinflow_cli(isolated_env, "up")
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("already running") == 3
     assert {row["name"]: row["pid"] for row in _status(isolated_env)} == pids
 
-    stopped = _twinflow(isolated_env, "down")
+    stopped = twinflow_cli(isolated_env, "down")
     assert stopped.returncode == 0, stopped.stderr
     assert all(process_start_ticks(pid) is None for pid in pids.values())  # type: ignore[arg-type]
     assert all(port_is_free(port) for port in ports)
-    after = _twinflow(isolated_env, "status", "--json")
+    after = twinflow_cli(isolated_env, "status", "--json")
     assert after.returncode == 1
     assert {row["state"] for row in json.loads(after.stdout)} == {"stopped"}
 
@@ -92,7 +77,7 @@ def test_occupied_port_gives_a_clear_error(isolated_env: dict[str, str]) -> None
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", int(isolated_env["TWINFLOW_MQTT__PORT"])))
         squatter.listen()
-        result = _twinflow(isolated_env, "up", "mosquitto")
+        result = twinflow_cli(isolated_env, "up", "mosquitto")
     assert result.returncode == 1
     message = " ".join(result.stderr.split())
     assert f"port {isolated_env['TWINFLOW_MQTT__PORT']} on 127.0.0.1 (mqtt.port)" in message
@@ -101,15 +86,14 @@ def test_occupied_port_gives_a_clear_error(isolated_env: dict[str, str]) -> None
 
 
 def test_invalid_port_fails_fast_naming_the_setting(isolated_env: dict[str, str]) -> None:
-    result = _twinflow({**isolated_env, "TWINFLOW_KAFKA__PORT": "0"}, "up")
+    result = twinflow_cli({**isolated_env, "TWINFLOW_KAFKA__PORT": "0"}, "up")
     assert result.returncode == 2
     assert "kafka.port (env TWINFLOW_KAFKA__PORT)" in result.stderr
     assert "greater than or equal to 1" in " ".join(result.stderr.split())
 
 
 def test_demo_round_trips_through_every_service(stack: Settings) -> None:
-    env = {key: value for key, value in os.environ.items()}
-    result = _twinflow(env, "demo")
+    result = twinflow_cli(dict(os.environ), "demo")
     assert result.returncode == 0, result.stderr
     for line in (
         "Kafka: produced and consumed",

@@ -28,6 +28,7 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto import cert_gen
 from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -593,3 +594,40 @@ def test_address_space_units_timestamps_and_status(bridged: Settings, model: Twi
                 )
 
     asyncio.run(scenario())
+
+
+def test_bridge_creates_its_topics_before_any_server_answers(bridged: Settings) -> None:
+    topics = bridged.topics.model_copy(
+        update={"raw": bridged.topics.raw + ".own", "deadletter": bridged.topics.raw + ".dead"}
+    )
+    settings = bridged.model_copy(update={"topics": topics})
+    admin = AdminClient(client_config(settings.kafka))
+    assert topics.raw not in admin.list_topics(timeout=10).topics
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def forward() -> None:
+        try:
+            run(
+                settings,
+                load_twin_model(ROOT / "infra" / "twin-model" / "example-plant.yaml"),
+                stop,
+            )
+        except BaseException as exc:
+            failures.append(exc)
+
+    worker = threading.Thread(target=forward)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while topics.raw not in admin.list_topics(timeout=10).topics:
+            assert time.monotonic() < deadline, "the bridge did not create its raw topic"
+            time.sleep(0.1)
+        metadata = admin.list_topics(timeout=10).topics
+        assert len(metadata[topics.raw].partitions) == topics.raw_partitions
+        assert topics.deadletter in metadata
+    finally:
+        stop.set()
+        worker.join(30)
+    assert not worker.is_alive()
+    assert failures == []

@@ -20,12 +20,13 @@ from confluent_kafka import KafkaError, Message, Producer
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
+from connectors.kafka import ensure_topics, reliable_producer
 from connectors.mqtt import new_client, session_properties
 from schemas import deadletter
 from twinflow.bridges.routing import InOrderAcks, Reject, route
 from twinflow.errors import TwinflowError
 from twinflow.settings import Settings
+from twinflow.topics import ingest_topics
 from twinflow.twin_model import TwinModel
 
 log = logging.getLogger("twinflow.bridge.mqtt")
@@ -83,11 +84,7 @@ class MqttBridge:
     def run(self, stop: threading.Event | None = None) -> None:
         """Bridge until ``stop`` is set (or a delivery fails: then raise BridgeError)."""
         stop = stop or threading.Event()
-        topics = self.settings.topics
-        ensure_topics(
-            self.settings.kafka,
-            [TopicSpec(topics.raw, topics.raw_partitions), TopicSpec(topics.deadletter, 1)],
-        )
+        ensure_topics(self.settings.kafka, ingest_topics(self.settings.topics))
         properties = session_properties(
             self.settings.mqtt.session_expiry_s, self.settings.mqtt.receive_maximum
         )

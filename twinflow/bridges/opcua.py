@@ -36,10 +36,11 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from confluent_kafka import KafkaError, Message, Producer
 
-from connectors.kafka import reliable_producer
+from connectors.kafka import ensure_topics, reliable_producer
 from connectors.opcua import certificate_der, certificate_uri, fingerprint
 from twinflow.errors import TwinflowError
 from twinflow.settings import OpcUaSettings, Settings
+from twinflow.topics import ingest_topics
 from twinflow.twin_model import TwinModel
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def run(settings: Settings, model: TwinModel, stop: threading.Event | None = Non
     :class:`OpcUaSecurityError` when the server is not the pinned one or refuses the
     bridge's credentials; connection failures are retried with backoff.
     """
+    ensure_topics(settings.kafka, ingest_topics(settings.topics))
     bridge = _Bridge(settings, model, stop or threading.Event())
     try:
         asyncio.run(bridge.forward())

@@ -1,0 +1,11 @@
+"""The Kafka topics twinflow creates up front (auto-creation is off on its brokers)."""
+
+from __future__ import annotations
+
+from connectors.kafka import TopicSpec
+from twinflow.settings import TopicSettings
+
+
+def ingest_topics(topics: TopicSettings) -> list[TopicSpec]:
+    """What a bridge writes to: raw readings and dead letters."""
+    return [TopicSpec(topics.raw, topics.raw_partitions), TopicSpec(topics.deadletter, 1)]
