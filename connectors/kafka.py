@@ -47,6 +47,15 @@ def reliable_producer(kafka: KafkaSettings, **overrides: Any) -> Producer:
     return Producer(config)
 
 
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """One message for a Kafka sink."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """A topic twinflow creates up front."""

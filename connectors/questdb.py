@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from twinflow.errors import TwinflowError
 from twinflow.settings import QuestDBSettings
 
@@ -85,6 +87,22 @@ class TableSpec:
             f"TIMESTAMP({self.timestamp}) PARTITION BY {self.partition_by} WAL "
             f"DEDUP UPSERT KEYS({', '.join(self.dedup_keys)})"
         )
+
+
+@dataclass(frozen=True)
+class TableBatch:
+    """Rows for one table, written by the QuestDB sink.
+
+    The frame's columns are the table's, ``ts`` as a UTC datetime64 column.
+    """
+
+    spec: TableSpec
+    frame: pd.DataFrame
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The frame's columns that are SYMBOLs in the table."""
+        return tuple(name for name, kind in self.spec.columns if kind == "SYMBOL")
 
 
 def ensure_table(sql: QuestDBHttp, spec: TableSpec) -> None:

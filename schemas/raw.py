@@ -7,8 +7,8 @@ Two forms, both keyed by entity id in Kafka:
   "source"?}``: one entity and timestamp, several sensors.
 
 ``ts`` is RFC 3339 with an offset (normalised to UTC) or epoch milliseconds. ``seq`` is
-the publisher's per-entity message counter: with ``entity_id`` it identifies a message,
-so consumers can drop repeats of the same message.
+the publisher's per-entity message counter: with ``entity_id`` and ``ts`` it identifies
+a message (a restarted publisher may count from 1 again, at other timestamps).
 """
 
 from __future__ import annotations

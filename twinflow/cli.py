@@ -236,6 +236,35 @@ def bridge_opcua(model: ModelOption = None) -> None:
 
 
 @app.command()
+def run(
+    model: ModelOption = None,
+    workers: Annotated[int, typer.Option("-w", "--workers", help="worker threads per process")] = 1,
+    process_id: Annotated[
+        int | None, typer.Option("-i", "--process-id", help="this process's index in a cluster")
+    ] = None,
+    addresses: Annotated[
+        str | None,
+        typer.Option("-a", "--addresses", help="host:port of every process, ';'-separated"),
+    ] = None,
+) -> None:
+    """Run the twin dataflow (recovery on by default) until Ctrl-C."""
+    from twinflow.runner import run_flow
+
+    if (process_id is None) != (addresses is None):
+        raise ConfigError("-i/--process-id and -a/--addresses go together")
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    settings, twin = _settings(), _model(model)
+    run_flow(
+        settings,
+        twin,
+        workers=workers,
+        process_id=process_id,
+        addresses=addresses.split(";") if addresses else None,
+    )
+
+
+@app.command()
 def simulate(
     model: ModelOption = None,
     entities: Annotated[int | None, typer.Option(help="first N entities of the model")] = None,

@@ -87,6 +87,9 @@ class QuestDBSettings(_Section):
     pg_port: Port = _port(8812, "PostgreSQL wire protocol")
     ilp_tcp_port: Port = _port(9009, "InfluxDB line protocol over TCP")
     min_http_port: Port = _port(9003, "minimal HTTP server (health, metrics)")
+    table_prefix: str = Field(
+        default="", pattern=r"^[a-z0-9_]*$", description="prefix of every table the flow writes"
+    )
     pg_user: str = "admin"
     pg_password: SecretStr = SecretStr("quest")
     heap: HeapSize = Field(
@@ -142,6 +145,9 @@ class TopicSettings(_Section):
     raw: str = "twin.raw"
     deadletter: str = "twin.deadletter"
     ground_truth: str = "twin.ground_truth"
+    state: str = "twin.state"
+    anomalies: str = "twin.anomalies"
+    late: str = "twin.late"
     raw_partitions: int = Field(default=4, ge=1, le=1024)
 
 
@@ -191,6 +197,36 @@ class OpcUaSettings(_Section):
         return int(self.endpoint.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
+class FlowSettings(_Section):
+    """The twin dataflow (`twinflow run`)."""
+
+    window_s: float = Field(
+        default=10.0, gt=0, description="tumbling window length, aligned to epoch"
+    )
+    allowed_lateness_s: float = Field(
+        default=5.0, ge=0, description="how far behind an entity's newest reading a reading may be"
+    )
+    idle_close_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="an entity silent this long (system time) has its open windows closed",
+    )
+    stale_after_s: float = Field(
+        default=60.0, gt=0, description="an entity silent this long (system time) becomes STALE"
+    )
+    max_future_s: float = Field(default=300.0, ge=0, description="newer readings are dead letters")
+    max_age_s: float = Field(
+        default=7 * 86_400.0, gt=0, description="older readings are dead letters"
+    )
+    batch_size: int = Field(default=5000, ge=1, description="Kafka messages per step call")
+    snapshot_interval_s: float = Field(default=10.0, gt=0, description="recovery snapshot interval")
+    recovery_dir: Path | None = Field(
+        default=None, description="recovery store (mode 0700); default STATE_DIR/recovery"
+    )
+    recovery: bool = Field(default=True, description="off only for throwaway runs")
+    consumer_group: str = "twinflow-flow"
+
+
 class ServicesSettings(_Section):
     """How ``twinflow up`` runs the local services."""
 
@@ -229,6 +265,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     opcua: OpcUaSettings = OpcUaSettings()
     topics: TopicSettings = TopicSettings()
+    flow: FlowSettings = FlowSettings()
     services: ServicesSettings = ServicesSettings()
 
     @field_validator("config_file", "state_dir", "lib_dir", "twin_model")

@@ -9,3 +9,13 @@ from twinflow.settings import TopicSettings
 def ingest_topics(topics: TopicSettings) -> list[TopicSpec]:
     """What a bridge writes to: raw readings and dead letters."""
     return [TopicSpec(topics.raw, topics.raw_partitions), TopicSpec(topics.deadletter, 1)]
+
+
+def output_topics(topics: TopicSettings) -> list[TopicSpec]:
+    """What the twin flow writes to. twin.state is compacted: the latest state per entity."""
+    return [
+        TopicSpec(topics.state, topics.raw_partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(topics.anomalies, topics.raw_partitions),
+        TopicSpec(topics.late, topics.raw_partitions),
+        TopicSpec(topics.deadletter, 1),
+    ]

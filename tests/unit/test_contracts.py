@@ -78,3 +78,11 @@ def test_dead_letters_match_their_schema(size: int) -> None:
     assert len(document["detail"]) == 1000
     assert document["reason"] == "bad_json"
     assert set(DEAD["properties"]["reason"]["enum"]) == {reason.value for reason in Reason}
+
+
+def test_output_schema_files_match_the_structs() -> None:
+    from schemas.generate import SCHEMA_DIR, output_schemas
+
+    for file_name, schema in output_schemas().items():
+        published = json.loads((SCHEMA_DIR / file_name).read_text())
+        assert published == schema, f"{file_name} is stale: run python -m schemas.generate"

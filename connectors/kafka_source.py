@@ -1,0 +1,138 @@
+"""A Bytewax source that reads Kafka partitions in batches: one item per batch.
+
+Bytewax's own KafkaSource emits one item per message, and every item costs a trip
+through each operator. This source emits ``(partition key, [InputMessage, ...])``, so a
+list-level step pays that cost once per batch. The partition's next offset is its
+resume state: recovery snapshots it with the step states of the same epoch.
+
+While a partition has no new messages it still emits an empty batch every ``tick_s``,
+so the step can act on system time (close the windows of silent entities).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from connectors.kafka import client_config
+from twinflow.errors import TwinflowError
+from twinflow.settings import KafkaSettings
+from twinflow.twin import InputMessage
+
+Batch = tuple[str, list[InputMessage]]
+_IDLE_POLL_S = 0.05
+
+
+class KafkaSourceError(TwinflowError):
+    """The source topic is missing or a partition cannot be read."""
+
+
+def partition_key(topic: str, partition: int) -> str:
+    """The key a partition's items (and its twins' state) are routed by."""
+    return f"{topic}#{partition}"
+
+
+class KafkaBatchSource(FixedPartitionedSource[Batch, int]):
+    """Every partition of ``topic``, read from the start or the recovered offset."""
+
+    def __init__(
+        self, kafka: KafkaSettings, topic: str, batch_size: int, tick_s: float = 1.0
+    ) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.batch_size = batch_size
+        self.tick_s = tick_s
+
+    def list_parts(self) -> list[str]:
+        """One part per Kafka partition."""
+        consumer = Consumer(client_config(self.kafka, **{"group.id": "twinflow-metadata"}))
+        try:
+            metadata = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
+        finally:
+            consumer.close()
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            raise KafkaSourceError(
+                f"topic {self.topic} does not exist on {self.kafka.bootstrap}; start a bridge "
+                "or create it (twinflow run creates its topics before starting)"
+            )
+        return [partition_key(self.topic, p) for p in sorted(metadata.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:
+        """Open one partition at its resume offset."""
+        partition = int(for_part.rsplit("#", 1)[1])
+        return _BatchPartition(self, for_part, partition, resume_state)
+
+
+class _BatchPartition(StatefulSourcePartition[Batch, int]):
+    def __init__(
+        self, source: KafkaBatchSource, key: str, partition: int, offset: int | None
+    ) -> None:
+        self._source = source
+        self._key = key
+        self._partition = partition
+        self._consumer = Consumer(
+            client_config(
+                source.kafka,
+                **{
+                    # Offsets live in Bytewax's recovery snapshots, not in Kafka.
+                    "group.id": "twinflow-flow",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": "earliest",
+                    "fetch.min.bytes": 1,
+                    "queued.min.messages": max(10_000, 2 * source.batch_size),
+                },
+            )
+        )
+        start = OFFSET_BEGINNING if offset is None else offset
+        self._consumer.assign([TopicPartition(source.topic, partition, start)])
+        self._next_offset = offset
+        self._awake: datetime | None = None
+        self._last_emit = time.monotonic()
+
+    def next_batch(self) -> list[Batch]:
+        messages = self._consumer.consume(num_messages=self._source.batch_size, timeout=0)
+        batch = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaSourceError(
+                    f"reading {self._source.topic}[{self._partition}] failed: {error}"
+                )
+            offset = message.offset()
+            assert offset is not None  # consumed messages always carry their offset
+            batch.append(
+                InputMessage(
+                    topic=self._source.topic,
+                    partition=self._partition,
+                    offset=offset,
+                    timestamp_ms=message.timestamp()[1],
+                    value=message.value() or b"",
+                )
+            )
+        now = time.monotonic()
+        if batch:
+            self._next_offset = batch[-1].offset + 1
+            self._awake = None
+            self._last_emit = now
+            return [(self._key, batch)]
+        self._awake = datetime.now(UTC) + timedelta(seconds=_IDLE_POLL_S)
+        if now - self._last_emit >= self._source.tick_s:
+            self._last_emit = now
+            return [(self._key, [])]
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def snapshot(self) -> int:
+        # Before the first message there is nothing to resume from but the beginning.
+        return self._next_offset if self._next_offset is not None else 0
+
+    def close(self) -> None:
+        self._consumer.close()

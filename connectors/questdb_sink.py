@@ -1,0 +1,177 @@
+"""A Bytewax sink writing :class:`TableBatch` frames to QuestDB over ILP/HTTP.
+
+Each worker owns one ``questdb`` sender with auto-flush off. ``write_batch`` serializes
+every frame it is given and flushes once, so a batch reaches QuestDB in one HTTP
+request or the flow stops: a rejected flush raises :class:`QuestDBSinkError` and
+recovery replays the rows later. Replayed rows are harmless because every table has
+``DEDUP UPSERT KEYS`` (:mod:`twinflow.tables`).
+
+With QuestDB 9.3 a rejected request commits none of its rows, whatever table they
+were for (observed, not a documented guarantee).
+
+Measured client-side for a 100,000-row ``readings`` frame (2 vCPU, services on the same
+host): :func:`table_frame` 1.4 M rows/s; serializing (``Buffer.dataframe``, 96 B/row)
+4.5 M rows/s; ``write_batch`` including the HTTP flush 0.46-0.90 M rows/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from questdb import QuestDBError as ClientError
+from questdb import Sender
+
+from connectors.questdb import QuestDBError, TableBatch, TableSpec
+from twinflow.settings import QuestDBSettings
+
+log = logging.getLogger("twinflow.sink.questdb")
+
+
+class QuestDBSinkError(QuestDBError):
+    """QuestDB did not take a batch of rows; the flow must stop and replay them."""
+
+
+class QuestDBSink(DynamicSink[TableBatch]):
+    """Writes :class:`TableBatch` items to their tables; one ILP/HTTP sender per worker.
+
+    ``options`` are extra ``questdb`` client configuration keys, e.g.
+    ``retry_timeout=0`` or ``request_timeout=5000``; auto-flush is always off.
+    """
+
+    def __init__(self, settings: QuestDBSettings, **options: str | int) -> None:
+        if "auto_flush" in options:
+            raise ValueError(
+                "QuestDBSink flushes once per write batch; auto_flush is not an option"
+            )
+        self._settings = settings
+        self._options = options
+
+    def build(
+        self, step_id: str, worker_index: int, worker_count: int
+    ) -> StatelessSinkPartition[TableBatch]:
+        """A partition with its own connected sender."""
+        conf = self._settings.ilp_conf(auto_flush="off", **self._options)
+        sender = Sender.from_conf(conf)
+        try:
+            sender.establish()  # type: ignore[no-untyped-call]
+        except ClientError as exc:
+            raise QuestDBSinkError(
+                f"cannot reach QuestDB at {self._settings.http_url} for ILP: {exc}. "
+                "Is it running (twinflow status)?"
+            ) from exc
+        return _QuestDBPartition(sender, f"{step_id}[{worker_index}]")
+
+
+class _QuestDBPartition(StatelessSinkPartition[TableBatch]):
+    def __init__(self, sender: Sender, name: str) -> None:
+        self._sender = sender
+        self._name = name
+
+    def write_batch(self, items: list[TableBatch]) -> None:
+        batches = [batch for batch in items if len(batch.frame)]
+        if not batches:
+            return
+        started = time.perf_counter()
+        for batch in batches:
+            try:
+                self._sender.dataframe(
+                    batch.frame,
+                    table_name=batch.spec.name,
+                    symbols=list(batch.symbols),
+                    at=batch.spec.timestamp,
+                )
+            except ClientError as exc:
+                raise QuestDBSinkError(
+                    f"cannot encode {len(batch.frame)} rows for table {batch.spec.name!r}: "
+                    f"{exc}. Build the frame with connectors.questdb_sink.table_frame so its "
+                    "column types match the table."
+                ) from exc
+        try:
+            self._sender.flush()
+        except ClientError as exc:
+            raise QuestDBSinkError(
+                f"QuestDB did not take {_describe(batches)}: {exc}. The flow stops so that "
+                "recovery replays these rows (DEDUP keys make that safe); if QuestDB is up, "
+                "compare the table with its spec in twinflow/tables.py."
+            ) from exc
+        if log.isEnabledFor(logging.DEBUG):
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.debug("%s flushed %s in %.1f ms", self._name, _describe(batches), elapsed_ms)
+
+    def close(self) -> None:
+        # Every successful write batch flushed. After a failed one the buffer may hold
+        # part of that batch: Bytewax 0.21.1 closes partitions also while unwinding from
+        # the failure, so drop those rows (recovery replays them) rather than send them.
+        self._sender.close(flush=False)
+
+
+def _describe(batches: list[TableBatch]) -> str:
+    """Rows per table and the event-time range, for logs and errors."""
+    rows: dict[str, int] = {}
+    first: pd.Timestamp | None = None
+    last: pd.Timestamp | None = None
+    for batch in batches:
+        rows[batch.spec.name] = rows.get(batch.spec.name, 0) + len(batch.frame)
+        ts = batch.frame[batch.spec.timestamp]
+        low, high = ts.min(), ts.max()
+        first = low if first is None or low < first else first
+        last = high if last is None or high > last else last
+    tables = ", ".join(f"{name}: {count}" for name, count in rows.items())
+    return f"{sum(rows.values())} rows ({tables}), ts {first} .. {last}"
+
+
+def table_frame(
+    spec: TableSpec, columns: Mapping[str, Sequence[Any] | npt.ArrayLike]
+) -> TableBatch:
+    """A :class:`TableBatch` whose column dtypes are the ones the sink writes correctly.
+
+    ``columns`` must name every column of ``spec``. TIMESTAMP values are epoch
+    milliseconds and become ``datetime64[ns, UTC]``; SYMBOL and VARCHAR
+    become pandas strings (``None`` is NULL); INT and LONG int64 (nullable ``Int64``
+    when a value is ``None``); DOUBLE float64 (``None`` is NaN, which QuestDB stores
+    as NULL).
+
+    >>> from twinflow.tables import READINGS
+    >>> batch = table_frame(READINGS, {"ts": [1_700_000_000_000], "entity": ["pump-1"],
+    ...                                "sensor": ["flow"], "value": [1.5], "flags": [0]})
+    >>> batch.frame.dtypes.astype(str).to_dict()
+    {'ts': 'datetime64[ns, UTC]', 'entity': 'string', 'sensor': 'string', 'value': 'float64', 'flags': 'int64'}
+    >>> table_frame(READINGS, {"ts": [1], "entity": ["p"]})
+    Traceback (most recent call last):
+    ...
+    ValueError: columns for table 'readings' lack ['sensor', 'value', 'flags']
+    """  # noqa: E501
+    kinds = dict(spec.columns)
+    unknown = [name for name in columns if name not in kinds]
+    if unknown:
+        raise ValueError(f"table {spec.name!r} has no columns {unknown}")
+    missing = [name for name in kinds if name not in columns]
+    if missing:
+        raise ValueError(f"columns for table {spec.name!r} lack {missing}")
+    frame = pd.DataFrame({name: _typed(kind, columns[name]) for name, kind in spec.columns})
+    return TableBatch(spec, frame)
+
+
+def _typed(kind: str, values: npt.ArrayLike) -> Any:
+    if kind == "TIMESTAMP":
+        array = np.asarray(values)
+        if array.dtype.kind == "M":
+            return pd.to_datetime(array, utc=True).as_unit("ns")
+        return pd.to_datetime(array.astype(np.int64), unit="ms", utc=True).as_unit("ns")
+    if kind in ("SYMBOL", "VARCHAR"):
+        return pd.array(np.asarray(values, dtype=object), dtype="string")
+    if kind in ("INT", "LONG"):
+        try:
+            return np.asarray(values, dtype=np.int64)
+        except TypeError:  # a None among the values
+            return pd.array(np.asarray(values, dtype=object), dtype="Int64")
+    if kind == "DOUBLE":
+        return np.asarray(values, dtype=np.float64)
+    raise ValueError(f"table_frame does not handle {kind} columns yet")

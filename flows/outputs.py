@@ -1,0 +1,171 @@
+"""What one step's output becomes: QuestDB rows per table and Kafka records per topic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+
+from connectors.kafka import KafkaRecord
+from connectors.questdb import TableBatch
+from connectors.questdb_sink import table_frame
+from schemas import deadletter, outputs
+from schemas.raw import Reason
+from twinflow.settings import TopicSettings
+from twinflow.tables import Tables
+from twinflow.twin import InputMessage, StepOutput
+
+_COUNTS = ("readings", "flagged", "duplicates", "late", "dead_letters", "anomalies")
+_FEATURES = ("count", "mean", "min", "max", "std", "last", "slope")
+
+
+def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
+    """Rows for readings, sensor_windows, twin_state and anomalies."""
+    batches = []
+    if len(out.readings):
+        readings = out.readings
+        batches.append(
+            table_frame(
+                tables.readings,
+                {
+                    "ts": readings.ts_ms,
+                    "entity": readings.entity,
+                    "sensor": readings.sensor,
+                    "value": readings.value,
+                    "flags": readings.flags,
+                },
+            )
+        )
+    if out.windows:
+        windows = out.windows
+        batches.append(
+            table_frame(
+                tables.sensor_windows,
+                {
+                    "ts": [w.window_start_ms for w in windows],
+                    "entity": [w.entity_id for w in windows],
+                    "sensor": [w.sensor for w in windows],
+                    "window_end": [w.window_end_ms for w in windows],
+                    **{name: [getattr(w, name) for w in windows] for name in _FEATURES},
+                    "flagged": [w.flagged for w in windows],
+                },
+            )
+        )
+    if out.states:
+        states = out.states
+        batches.append(
+            table_frame(
+                tables.twin_state,
+                {
+                    "ts": [s.ts_ms for s in states],
+                    "entity": [s.entity_id for s in states],
+                    "status": [s.status.value for s in states],
+                    "health": [s.health for s in states],
+                    "anomaly_score": [s.anomaly_score for s in states],
+                    "threshold": [s.threshold for s in states],
+                    **{name: [getattr(s.counts, name) for s in states] for name in _COUNTS},
+                },
+            )
+        )
+    if out.anomalies:
+        anomalies = out.anomalies
+        batches.append(
+            table_frame(
+                tables.anomalies,
+                {
+                    "ts": [a.window_start_ms for a in anomalies],
+                    "entity": [a.entity_id for a in anomalies],
+                    "window_end": [a.window_end_ms for a in anomalies],
+                    "score": [a.score for a in anomalies],
+                    "threshold": [a.threshold for a in anomalies],
+                    "model": [a.model for a in anomalies],
+                    "top_sensors": [
+                        ",".join(dict.fromkeys(c.sensor for c in a.contributions))
+                        for a in anomalies
+                    ],
+                    "explanation": [
+                        msgspec.json.encode(a.contributions).decode() for a in anomalies
+                    ],
+                },
+            )
+        )
+    return batches
+
+
+def kafka_records(out: StepOutput, topics: TopicSettings) -> list[KafkaRecord]:
+    """Messages for twin.state, twin.anomalies, twin.late and twin.deadletter."""
+    records = [
+        KafkaRecord(topics.state, state.entity_id.encode(), outputs.encode(state))
+        for state in out.states
+    ]
+    records.extend(
+        KafkaRecord(topics.anomalies, anomaly.entity_id.encode(), outputs.encode(anomaly))
+        for anomaly in out.anomalies
+    )
+    records.extend(
+        KafkaRecord(topics.late, late.entity_id.encode(), outputs.encode(late)) for late in out.late
+    )
+    records.extend(
+        KafkaRecord(
+            topics.deadletter,
+            (letter.entity_id or letter.source.topic or "").encode(),
+            deadletter.encode(letter),
+        )
+        for letter in out.dead_letters
+    )
+    return records
+
+
+_letters = msgspec.json.Decoder(deadletter.DeadLetter)
+
+
+def deadletter_batches(messages: Sequence[InputMessage], tables: Tables) -> list[TableBatch]:
+    """Rows for the deadletters table from messages of twin.deadletter.
+
+    Dead letters come from every bridge and from the flow itself; the table mirrors
+    the topic. A message that is not a dead letter is kept as one, never dropped.
+    """
+    letters = []
+    for message in messages:
+        try:
+            letters.append(_letters.decode(message.value))
+        except msgspec.DecodeError as exc:
+            letters.append(
+                deadletter.dead_letter(
+                    message.value,
+                    Reason.SCHEMA,
+                    f"not a dead letter: {exc}",
+                    deadletter.Source(
+                        kind="kafka",
+                        topic=message.topic,
+                        partition=message.partition,
+                        offset=message.offset,
+                    ),
+                    datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
+                )
+            )
+    if not letters:
+        return []
+    return [
+        table_frame(
+            tables.deadletters,
+            {
+                "ts": [int(letter.received_at.timestamp() * 1000) for letter in letters],
+                "reason": [letter.reason.value for letter in letters],
+                "source_kind": [letter.source.kind for letter in letters],
+                "source": [letter.source.topic or letter.source.node or "" for letter in letters],
+                "kafka_partition": [_minus_one(letter.source.partition) for letter in letters],
+                "kafka_offset": [_minus_one(letter.source.offset) for letter in letters],
+                "entity": [letter.entity_id for letter in letters],
+                "detail": [letter.detail for letter in letters],
+                "payload_size": [letter.payload_size for letter in letters],
+                "payload_sha256": [letter.payload_sha256 for letter in letters],
+                "payload_excerpt": [letter.payload_excerpt for letter in letters],
+            },
+        )
+    ]
+
+
+def _minus_one(value: int | None) -> int:
+    return -1 if value is None else value

@@ -1,0 +1,156 @@
+"""Output contracts of the twin flow (JSON Schemas in schemas/json/*.v1.schema.json).
+
+Every message carries ``version`` and a ``msg_id`` that is the same whenever the flow
+emits the same fact again (a replay after a crash re-emits; consumers drop repeats).
+Kafka keys are the entity id, so consumers can compact and partition by entity.
+"""
+
+from __future__ import annotations
+
+from enum import IntFlag, StrEnum
+
+import msgspec
+
+VERSION = 1
+
+
+class Flag(IntFlag):
+    """Quality flags of a clean reading; 0 means nothing noticed."""
+
+    RATE = 1
+    """Changed faster than the sensor's max_rate."""
+    STUCK = 2
+    """Unchanged for at least the sensor's stuck_after_s."""
+    SPIKE = 4
+    """Outlier against its recent neighbours (Hampel filter); kept out of features."""
+    GAP = 8
+    """First reading after a gap of more than 3 typical sampling intervals."""
+    CONVERTED = 16
+    """Arrived in an accepted non-canonical unit and was converted."""
+    SOURCE_BAD = 32
+    """The source marked it uncertain or bad (e.g. an OPC UA status code)."""
+
+
+class Status(StrEnum):
+    """Status of a twin. Changes only with hysteresis (see twinflow.state)."""
+
+    OK = "OK"
+    WARN = "WARN"
+    ALARM = "ALARM"
+    STALE = "STALE"
+
+
+class CleanReading(msgspec.Struct, frozen=True, array_like=True):
+    """One validated reading in the sensor's canonical unit (QuestDB ``readings``)."""
+
+    entity_id: str
+    sensor: str
+    ts_ms: int
+    value: float
+    flags: int
+
+
+class SensorWindow(msgspec.Struct, frozen=True):
+    """Features of one sensor over one closed event-time window (``sensor_windows``)."""
+
+    entity_id: str
+    sensor: str
+    window_start_ms: int
+    window_end_ms: int
+    count: int
+    mean: float
+    min: float
+    max: float
+    std: float
+    last: float
+    slope: float
+    """Least-squares slope in canonical units per second (0 for fewer than 2 readings)."""
+    flagged: int
+    """Readings of the window with any quality flag (spikes are not in the features)."""
+
+
+class Contribution(msgspec.Struct, frozen=True):
+    """One feature's part in an anomaly: how far it was from what the model expects."""
+
+    sensor: str
+    feature: str
+    value: float
+    expected_low: float
+    expected_high: float
+    weight: float
+    """Share of the anomaly score this feature accounts for (0..1)."""
+
+
+class Anomaly(msgspec.Struct, frozen=True):
+    """A window the entity's model found anomalous (topic ``twin.anomalies``)."""
+
+    msg_id: str
+    entity_id: str
+    window_start_ms: int
+    window_end_ms: int
+    score: float
+    threshold: float
+    model: str
+    contributions: list[Contribution]
+    version: int = VERSION
+
+
+class SensorState(msgspec.Struct, frozen=True):
+    """The latest clean reading of one sensor."""
+
+    value: float
+    ts_ms: int
+    flags: int
+    unit: str
+
+
+class Counts(msgspec.Struct, frozen=True):
+    """What happened to an entity's input so far."""
+
+    readings: int = 0
+    flagged: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_letters: int = 0
+    windows: int = 0
+    anomalies: int = 0
+
+
+class TwinState(msgspec.Struct, frozen=True):
+    """The live state of one entity (compacted topic ``twin.state``, table ``twin_state``)."""
+
+    msg_id: str
+    entity_id: str
+    ts_ms: int
+    """Event time the state describes (the end of the last closed window)."""
+    status: Status
+    health: float
+    anomaly_score: float | None
+    threshold: float | None
+    sensors: dict[str, SensorState]
+    derived: dict[str, float | None]
+    counts: Counts
+    version: int = VERSION
+
+
+class LateReading(msgspec.Struct, frozen=True):
+    """A reading whose window had already closed (topic ``twin.late``)."""
+
+    msg_id: str
+    entity_id: str
+    sensor: str
+    ts_ms: int
+    value: float
+    watermark_ms: int
+    topic: str
+    partition: int
+    offset: int
+    version: int = VERSION
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """JSON bytes of an output message."""
+    return _encoder.encode(message)

@@ -1,0 +1,296 @@
+"""The QuestDB and Kafka sinks inside real Bytewax flows, against the real services."""
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import bytewax.operators as op
+import numpy as np
+import pandas as pd
+import pytest
+from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage
+from bytewax.dataflow import Dataflow
+from bytewax.outputs import Sink
+from bytewax.testing import TestingSource, cluster_main, run_main
+from confluent_kafka.admin import AdminClient
+
+from connectors.kafka import KafkaRecord, TopicSpec, client_config, ensure_topics
+from connectors.kafka_sink import KafkaOutputSink, KafkaSinkError
+from connectors.questdb import QuestDBHttp, TableBatch, TableSpec, ensure_table
+from connectors.questdb_sink import QuestDBSink, QuestDBSinkError, table_frame
+from tests.helpers import consume_all, free_ports
+from twinflow.settings import Settings
+from twinflow.tables import ANOMALIES, READINGS, TWIN_STATE
+
+pytestmark = pytest.mark.integration
+
+T0_MS = 1_700_000_000_000
+
+
+def _flow(items: list[Any], sink: Sink[Any], *, spread: bool = False) -> Dataflow:
+    flow = Dataflow("sink_test")
+    stream = op.input("in", flow, TestingSource(items))
+    if spread:  # TestingSource feeds one worker; hand items to all of them
+        stream = op.redistribute("spread", stream)
+    op.output("out", stream, sink)
+    return flow
+
+
+def _run(flow: Dataflow, workers: int = 1) -> None:
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException:
+    """The ``kind`` exception Bytewax wrapped (BytewaxRuntimeError chains the original)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
+
+
+# --- QuestDB -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tables(stack: Settings, unique: str) -> Iterator[dict[str, TableSpec]]:
+    """readings, twin_state and anomalies under unique names; dropped afterwards."""
+    sql = QuestDBHttp(stack.questdb)
+    specs = {
+        spec.name: dataclasses.replace(spec, name=f"test_{unique}_{spec.name}")
+        for spec in (READINGS, TWIN_STATE, ANOMALIES)
+    }
+    for spec in specs.values():
+        ensure_table(sql, spec)
+    yield specs
+    for spec in specs.values():
+        sql.exec(f'DROP TABLE IF EXISTS "{spec.name}"')
+
+
+def _readings(spec: TableSpec, start: int, count: int) -> TableBatch:
+    i = np.arange(start, start + count)
+    return table_frame(
+        spec,
+        {
+            "ts": T0_MS + (i // 8) * 100,
+            "entity": [f"pump-{k % 5}" for k in i // 8],
+            "sensor": [f"s{k % 8}" for k in i],
+            "value": i * 0.5,
+            "flags": i % 3,
+        },
+    )
+
+
+def _twin_state(spec: TableSpec, count: int) -> TableBatch:
+    i = np.arange(count)
+    columns: dict[str, Any] = {
+        "ts": T0_MS + i * 1000,
+        "entity": [f"pump-{k % 5}" for k in i],
+        "status": np.where(i % 2 == 0, "OK", "DEGRADED"),
+        "health": 1.0 - i / 100,
+        "anomaly_score": i / 10,
+        "threshold": np.full(count, 0.9),
+    }
+    for name in ("readings", "flagged", "duplicates", "late", "dead_letters", "anomalies"):
+        columns[name] = i
+    return table_frame(spec, columns)
+
+
+def _anomalies(spec: TableSpec, count: int) -> TableBatch:
+    i = np.arange(count)
+    return table_frame(
+        spec,
+        {
+            "ts": T0_MS + i * 10_000,
+            "entity": [f"pump-{k}" for k in i],
+            "window_end": T0_MS + (i + 1) * 10_000,
+            "score": 0.95 + i / 1000,
+            "threshold": np.full(count, 0.9),
+            "model": ["hst"] * count,
+            "top_sensors": ["s1,s2"] * count,
+            "explanation": [None if k == 0 else f"s1 high ({k})" for k in i],
+        },
+    )
+
+
+def _wal_txns(sql: QuestDBHttp, names: list[str]) -> dict[str, int]:
+    """Each table's sequencer txn, once its WAL has been applied up to it."""
+    deadline = time.monotonic() + 30
+    quoted = ", ".join(f"'{name}'" for name in names)
+    while True:
+        rows = sql.exec(
+            f"SELECT name, suspended, writerTxn, sequencerTxn, errorMessage "
+            f"FROM wal_tables() WHERE name IN ({quoted})"
+        ).rows
+        assert not [row for row in rows if row[1]], f"suspended WAL tables: {rows}"
+        if len(rows) == len(names) and all(row[2] == row[3] for row in rows):
+            return {row[0]: row[3] for row in rows}
+        assert time.monotonic() < deadline, f"WAL not applied after 30 s: {rows}"
+        time.sleep(0.1)
+
+
+def _counts(sql: QuestDBHttp, specs: dict[str, TableSpec]) -> dict[str, int]:
+    return {
+        key: sql.exec(f'SELECT count() FROM "{spec.name}"').rows[0][0]
+        for key, spec in specs.items()
+    }
+
+
+def test_questdb_sink_writes_several_tables_and_a_replay_adds_nothing(
+    stack: Settings, tables: dict[str, TableSpec]
+) -> None:
+    sql = QuestDBHttp(stack.questdb)
+    readings, state, anomalies = tables["readings"], tables["twin_state"], tables["anomalies"]
+    batches = [
+        _readings(readings, 0, 600),
+        _twin_state(state, 40),
+        _readings(readings, 600, 400),
+        _anomalies(anomalies, 6),
+    ]
+
+    _run(_flow(batches, QuestDBSink(stack.questdb)))
+    first = _wal_txns(sql, [spec.name for spec in tables.values()])
+    assert _counts(sql, tables) == {"readings": 1000, "twin_state": 40, "anomalies": 6}
+
+    # Replay everything on two workers (as recovery would after a crash), plus 16 new
+    # readings: the replayed rows upsert onto themselves, only the new rows add up.
+    replay = [*batches, _readings(readings, 1000, 16)]
+    _run(_flow(replay, QuestDBSink(stack.questdb), spread=True), workers=2)
+    second = _wal_txns(sql, [spec.name for spec in tables.values()])
+    assert all(second[name] > first[name] for name in first), (first, second)
+    assert _counts(sql, tables) == {"readings": 1016, "twin_state": 40, "anomalies": 6}
+
+    # Values, timestamps, symbols and nulls arrive as written.
+    row = sql.exec(
+        f"SELECT count_distinct(entity), count_distinct(sensor), sum(value), sum(flags), "
+        f'min(ts), max(ts) FROM "{readings.name}"'
+    ).rows[0]
+    i = np.arange(1016)
+    assert row[:4] == (5, 8, float((i * 0.5).sum()), int((i % 3).sum()))
+    assert (row[4], row[5]) == ("2023-11-14T22:13:20.000000Z", "2023-11-14T22:13:32.600000Z")
+    anomaly_rows = sql.exec(
+        f'SELECT entity, window_end, model, top_sensors, explanation FROM "{anomalies.name}" '
+        "ORDER BY ts LIMIT 2"
+    ).rows
+    assert anomaly_rows == (
+        ("pump-0", "2023-11-14T22:13:30.000000Z", "hst", "s1,s2", None),
+        ("pump-1", "2023-11-14T22:13:40.000000Z", "hst", "s1,s2", "s1 high (1)"),
+    )
+    # Column types are still the spec's (entity, sensor, status, model: SYMBOL) and no
+    # column was added. (QuestDB would also take ILP strings into a SYMBOL column, so
+    # this cannot tell tags from fields; the sink sends the SYMBOL columns as tags.)
+    for spec in tables.values():
+        kinds = dict(sql.exec(f"SELECT \"column\", type FROM table_columns('{spec.name}')").rows)
+        assert kinds == dict(spec.columns), spec.name
+
+
+def test_questdb_sink_raises_when_questdb_rejects_a_batch(
+    stack: Settings, tables: dict[str, TableSpec]
+) -> None:
+    sql = QuestDBHttp(stack.questdb)
+    readings = tables["readings"]
+    good = _readings(readings, 0, 10)
+    # A string in the DOUBLE column: QuestDB refuses the line, the sink must not hide it.
+    bad_frame = good.frame.copy()
+    bad_frame["value"] = pd.array(["not a number"] * 10, dtype="string")
+    with pytest.raises(Exception) as raised:
+        _run(_flow([TableBatch(readings, bad_frame)], QuestDBSink(stack.questdb)))
+    error = _cause(raised.value, QuestDBSinkError)
+    message = str(error)
+    assert f"10 rows ({readings.name}: 10)" in message
+    assert "cast error" in message
+    assert "DOUBLE" in message
+    _wal_txns(sql, [readings.name])
+    assert _counts(sql, {"readings": readings}) == {"readings": 0}
+
+
+def test_questdb_sink_raises_when_questdb_is_unreachable(
+    stack: Settings, tables: dict[str, TableSpec]
+) -> None:
+    closed = stack.questdb.model_copy(update={"http_port": free_ports(1)[0]})
+    batches = [_readings(tables["readings"], 0, 5)]
+    # At start the sender asks the server for its ILP version: the flow cannot start.
+    with pytest.raises(Exception) as raised:
+        _run(_flow(batches, QuestDBSink(closed)))
+    assert "cannot reach QuestDB" in str(_cause(raised.value, QuestDBSinkError))
+    # With the version pinned nothing is sent before the first flush, which then fails.
+    with pytest.raises(Exception) as raised:
+        _run(_flow(batches, QuestDBSink(closed, protocol_version=2, retry_timeout=0)))
+    assert "QuestDB did not take 5 rows" in str(_cause(raised.value, QuestDBSinkError))
+
+
+# --- Kafka ---------------------------------------------------------------------------
+
+
+def _missing_topic(stack: Settings, name: str) -> None:
+    topics = AdminClient(client_config(stack.kafka)).list_topics(timeout=10).topics
+    assert name not in topics, "auto-creation must be off on the test broker"
+
+
+def test_kafka_sink_delivers_keyed_records_from_two_workers(stack: Settings, unique: str) -> None:
+    state, events = f"test.sink.state.{unique}", f"test.sink.events.{unique}"
+    ensure_topics(stack.kafka, [TopicSpec(state, 3), TopicSpec(events, 1)])
+    records = [
+        KafkaRecord(state if i % 3 else events, f"pump-{i % 7}".encode(), f"v{i}".encode())
+        for i in range(300)
+    ]
+    records.append(KafkaRecord(events, None, b"no key"))
+
+    _run(_flow(records, KafkaOutputSink(stack.kafka), spread=True), workers=2)
+
+    for topic in (state, events):
+        sent = Counter((r.key, r.value) for r in records if r.topic == topic)
+        got = consume_all(stack.kafka, topic, expected=sent.total())
+        assert Counter((m.key(), m.value()) for m in got) == sent
+        # The key decides the partition: one partition per key.
+        partitions: dict[bytes | None, set[int]] = {}
+        for message in got:
+            partitions.setdefault(message.key(), set()).add(message.partition())
+        assert all(len(parts) == 1 for key, parts in partitions.items() if key is not None)
+
+
+def test_kafka_sink_raises_when_a_delivery_fails(stack: Settings, unique: str) -> None:
+    good, typo = f"test.sink.ok.{unique}", f"test.sink.typo.{unique}"
+    ensure_topics(stack.kafka, [TopicSpec(good, 1)])
+    sink = KafkaOutputSink(stack.kafka, overrides={"message.timeout.ms": 2000})
+    records = [KafkaRecord(good, b"k", b"fine"), KafkaRecord(typo, b"k", b"lost?")]
+
+    started = time.monotonic()
+    with pytest.raises(Exception) as raised:
+        _run(_flow(records, sink))
+    assert time.monotonic() - started < 20
+    message = str(_cause(raised.value, KafkaSinkError))
+    assert f"topic {typo!r}" in message
+    assert "Unknown topic" in message or "timed out" in message, message
+    _missing_topic(stack, typo)
+
+
+def test_kafka_sink_raises_when_reports_do_not_arrive_in_time(stack: Settings, unique: str) -> None:
+    typo = f"test.sink.slow.{unique}"
+    # librdkafka would retry for 60 s; the write batch gives up after 1 s and says so.
+    sink = KafkaOutputSink(stack.kafka, flush_timeout_s=1, overrides={"message.timeout.ms": 60_000})
+    with pytest.raises(Exception) as raised:
+        _run(_flow([KafkaRecord(typo, None, b"x")], sink))
+    message = str(_cause(raised.value, KafkaSinkError))
+    assert "1 of 1 messages to [" in message
+    assert "got no delivery report within 1 s" in message
+    assert typo in message
+
+
+def test_stock_bytewax_kafka_sink_loses_the_same_failure_silently(
+    stack: Settings, unique: str
+) -> None:
+    """Negative control: why connectors.kafka_sink exists (Bytewax 0.21.1 KafkaSink)."""
+    typo = f"test.sink.stock.{unique}"
+    stock = KafkaSink(
+        brokers=[stack.kafka.bootstrap], topic=None, add_config={"message.timeout.ms": "2000"}
+    )
+    # The flow finishes normally although its only message was never delivered.
+    _run(_flow([KafkaSinkMessage(b"k", b"lost", topic=typo)], stock))
+    _missing_topic(stack, typo)

@@ -1,0 +1,381 @@
+"""Simulator -> MQTT -> bridge -> Kafka -> twin flow -> QuestDB and output topics.
+
+Everything runs as the user would run it (separate processes, real brokers, real
+QuestDB); every figure is checked against an independent recomputation from the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from connectors.questdb import QuestDBError, QuestDBHttp
+from schemas.outputs import Flag
+from schemas.raw import SchemaError, decode_raw
+from tests.helpers import clean_env, consume_all, free_ports, twinflow_cli, wait_for_line
+from twinflow.settings import Settings
+from twinflow.twin_model import TwinModel, load_twin_model
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTITIES = 6
+HOURS = 2.0
+RATE = 15.0  # readings/s for 6 entities x 5 sensors: one reading per sensor every 2 s
+
+
+@dataclass
+class Run:
+    """One isolated pipeline: topics, tables, MQTT prefix and bridge session."""
+
+    env: dict[str, str]
+    suffix: str
+    workdir: Path
+    model: TwinModel
+    start: datetime
+    expected: set[tuple[str, str, int]] = field(default_factory=set)
+    """(entity, sensor, ts) of every valid reading, recomputed from twin.raw."""
+    flow_rejects: Counter[str] = field(default_factory=Counter)
+
+    def topic(self, name: str) -> str:
+        return f"e2e.{name}.{self.suffix}"
+
+    @property
+    def prefix(self) -> str:
+        return f"e2e_{self.suffix}_"
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "twinflow", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def _env_for(
+    run_suffix: str,
+    workdir: Path,
+    model_file: Path,
+    stack: Settings,
+    table_prefix: str,
+    outputs: str,
+) -> dict[str, str]:
+    return clean_env(
+        twin_model=str(model_file),
+        state_dir=str(stack.state_dir),
+        topics__raw=f"e2e.raw.{run_suffix}",
+        topics__deadletter=f"e2e.deadletter.{run_suffix}",
+        topics__state=f"e2e.state.{outputs}",
+        topics__anomalies=f"e2e.anomalies.{outputs}",
+        topics__late=f"e2e.late.{outputs}",
+        questdb__table_prefix=table_prefix,
+        flow__recovery_dir=str(workdir / f"recovery-{outputs}"),
+        mqtt__bridge_client_id=f"e2e-bridge-{run_suffix}",
+        mqtt__session_expiry_s="120",
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """Bridge and flow running; the simulator has published two hours of the plant."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    suffix = f"{int(time.time())}{random.randrange(1000):03d}"
+    document = yaml.safe_load((ROOT / "infra" / "twin-model" / "example-plant.yaml").read_text())
+    document["mqtt_topic_prefix"] = f"e2e{suffix}"
+    model_file = workdir / "plant.yaml"
+    model_file.write_text(yaml.safe_dump(document))
+    env = _env_for(suffix, workdir, model_file, stack, f"e2e_{suffix}_", suffix)
+    # Hours in the past, at a second no other run uses: QuestDB rows cannot collide.
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(
+        hours=HOURS + 2, seconds=random.randrange(3600)
+    )
+    run = Run(env, suffix, workdir, load_twin_model(model_file), start)
+    bridge = _spawn(["bridge", "mqtt"], env, workdir / "bridge.log")
+    flow = _spawn(["run"], env, workdir / "flow.log")
+    try:
+        wait_for_line(workdir / "bridge.log", "subscribed to")
+        result = twinflow_cli(
+            env,
+            "simulate",
+            "--max-speed",
+            "--entities",
+            str(ENTITIES),
+            "--rate",
+            str(RATE),
+            "--duration",
+            str(HOURS * 3600),
+            "--fault-share",
+            "1.0",
+            "--seed",
+            "5",
+            "--start",
+            start.isoformat(),
+            "--ground-truth",
+            str(workdir / "truth.json"),
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        run.expected, run.flow_rejects = _expected(run, stack)
+        _wait_rows(stack, run, run.expected)
+        yield run
+    finally:
+        _stop(flow)
+        _stop(bridge)
+
+
+def _expected(run: Run, stack: Settings) -> tuple[set[tuple[str, str, int]], Counter[str]]:
+    """Valid reading keys and the flow's own rejects, recomputed from twin.raw."""
+    keys: set[tuple[str, str, int]] = set()
+    rejects: Counter[str] = Counter()
+    for message in consume_all(stack.kafka, run.topic("raw"), idle_s=5):
+        try:
+            raw = decode_raw(message.value())
+        except SchemaError as exc:
+            rejects[exc.reason.value] += 1
+            continue
+        for sensor, value, unit in raw.readings():
+            spec = run.model.sensors_of(raw.entity_id)[sensor]
+            conversion = spec.conversion(unit)
+            assert conversion is not None
+            low, high = spec.range
+            if low <= conversion.to_canonical(value) <= high:
+                keys.add((raw.entity_id, sensor, raw.ts_ms))
+            else:
+                rejects["out_of_range"] += 1
+    return keys, rejects
+
+
+def _wait_rows(
+    stack: Settings, run: Run, expected: set[tuple[str, str, int]], prefix: str | None = None
+) -> None:
+    sql = QuestDBHttp(stack.questdb)
+    table = f"{prefix or run.prefix}readings"
+    deadline = time.monotonic() + 300
+    count = -1
+    while time.monotonic() < deadline:
+        try:
+            count = sql.exec(f"SELECT count() FROM '{table}'").rows[0][0]
+        except QuestDBError:  # the table appears once the flow has started
+            count = -1
+        if count >= len(expected):
+            return
+        time.sleep(1)
+    raise AssertionError(f"{table} has {count} rows, expected {len(expected)}; see {run.workdir}")
+
+
+def _frame(stack: Settings, query: str) -> pd.DataFrame:
+    result = QuestDBHttp(stack.questdb, timeout_s=120).exec(query)
+    return pd.DataFrame(list(result.rows), columns=list(result.column_names))
+
+
+def _epoch_ms(column: pd.Series) -> np.ndarray:
+    return (pd.to_datetime(column, utc=True).dt.tz_convert(None) - pd.Timestamp(0)) // pd.Timedelta(
+        milliseconds=1
+    )
+
+
+def test_every_valid_reading_lands_exactly_once(stack: Settings, pipeline: Run) -> None:
+    expected = pipeline.expected
+    readings = _frame(stack, f"SELECT entity, sensor, ts FROM '{pipeline.prefix}readings'")
+    got = list(zip(readings["entity"], readings["sensor"], _epoch_ms(readings["ts"]), strict=True))
+    assert len(got) == len(set(got))
+    assert set(got) == expected
+    truth = json.loads((pipeline.workdir / "truth.json").read_text())
+    # The simulator's valid readings, less the ones out of physical range (spikes).
+    assert (
+        len(expected) + pipeline.flow_rejects["out_of_range"] == truth["counts"]["valid_readings"]
+    )
+
+
+def test_every_bad_payload_is_a_dead_letter_with_its_reason(stack: Settings, pipeline: Run) -> None:
+    truth = json.loads((pipeline.workdir / "truth.json").read_text())
+    flow_rejects = pipeline.flow_rejects
+    deadline = time.monotonic() + 60
+    while True:
+        letters = _frame(
+            stack, f"SELECT source_kind, source, reason FROM '{pipeline.prefix}deadletters'"
+        )
+        bridge = Counter(letters[letters["source_kind"] == "mqtt"]["reason"])
+        flow = Counter(letters[letters["source"] == pipeline.topic("raw")]["reason"])
+        if (bridge, flow) == (
+            Counter(truth["counts"]["expected_rejects"]),
+            flow_rejects,
+        ) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert bridge == Counter(truth["counts"]["expected_rejects"])
+    assert flow == flow_rejects
+    assert sum(bridge.values()) > 0
+
+
+def test_window_features_equal_a_recomputation_from_readings(
+    stack: Settings, pipeline: Run
+) -> None:
+    readings = _frame(
+        stack, f"SELECT entity, sensor, ts, value, flags FROM '{pipeline.prefix}readings'"
+    )
+    windows = _frame(
+        stack,
+        "SELECT entity, sensor, ts, count, mean, min, max, std "
+        f"FROM '{pipeline.prefix}sensor_windows'",
+    )
+    late = {
+        (m["entity_id"], m["sensor"], m["ts_ms"])
+        for m in (
+            json.loads(x.value())
+            for x in consume_all(stack.kafka, pipeline.topic("late"), idle_s=3)
+        )
+    }
+    readings["ts_ms"] = _epoch_ms(readings["ts"])
+    readings["start"] = readings["ts_ms"] - readings["ts_ms"] % 10_000
+    on_time = readings[
+        [
+            (e, s, t) not in late
+            for e, s, t in zip(
+                readings["entity"], readings["sensor"], readings["ts_ms"], strict=True
+            )
+        ]
+    ]
+    clean = on_time[(on_time["flags"] & int(Flag.SPIKE)) == 0]
+    grouped = clean.groupby(["entity", "sensor", "start"])["value"]
+    recomputed = pd.DataFrame(
+        {
+            "count": grouped.count(),
+            "mean": grouped.mean(),
+            "min": grouped.min(),
+            "max": grouped.max(),
+            "std": grouped.std(ddof=0),
+        }
+    ).add_suffix("_re")
+    windows["start"] = _epoch_ms(windows["ts"])
+    joined = windows.set_index(["entity", "sensor", "start"]).join(recomputed, how="left")
+    assert len(joined) > ENTITIES * 5 * 600  # two hours of 10 s windows, most of them
+    assert (joined["count"] == joined["count_re"]).all()
+    for column in ("mean", "min", "max", "std"):
+        np.testing.assert_allclose(joined[column], joined[f"{column}_re"], rtol=1e-9, atol=1e-9)
+
+
+def _fault_report(run: Run, anomalies: pd.DataFrame) -> dict[str, Any]:
+    truth = json.loads((run.workdir / "truth.json").read_text())
+    starts = _epoch_ms(anomalies["ts"]).to_numpy()
+    entities = anomalies["entity"].to_numpy()
+    report: dict[str, Any] = {}
+    covered = np.zeros(len(starts), dtype=bool)
+    for category in ("process", "sensor"):
+        for fault in (f for f in truth["faults"] if f["category"] == category):
+            inside = (
+                (entities == fault["entity_id"])
+                & (starts >= fault["start_ms"] - 10_000)
+                & (starts < fault["end_ms"] + 10_000)
+            )
+            covered |= inside
+            if category == "process":
+                hits, total = report.get(fault["kind"], (0, 0))
+                report[fault["kind"]] = (hits + bool(inside.any()), total + 1)
+    hours = ENTITIES * HOURS
+    report["false_alarms_per_entity_hour"] = float((~covered).sum() / hours)
+    return report
+
+
+def test_process_faults_raise_explained_anomalies(stack: Settings, pipeline: Run) -> None:
+    anomalies = _frame(
+        stack,
+        "SELECT entity, ts, score, threshold, top_sensors, explanation "
+        f"FROM '{pipeline.prefix}anomalies'",
+    )
+    report = _fault_report(pipeline, anomalies)
+    print(f"\nanomaly report (hits, faults) per kind: {report}")
+    process = [value for key, value in report.items() if key != "false_alarms_per_entity_hour"]
+    hits, total = map(sum, zip(*process, strict=True))
+    assert total >= ENTITIES
+    assert hits / total >= 0.8, report
+    assert report["false_alarms_per_entity_hour"] <= 1.0, report
+    assert (anomalies["score"] > anomalies["threshold"]).all()
+    for explanation in anomalies["explanation"]:
+        contributions = json.loads(explanation)
+        assert contributions and all(
+            c["sensor"] and c["expected_low"] <= c["expected_high"] for c in contributions
+        )
+
+
+def test_output_topics_carry_valid_keyed_messages(stack: Settings, pipeline: Run) -> None:
+    schema_dir = ROOT / "schemas" / "json"
+    for topic, schema_file in (
+        ("state", "twin_state"),
+        ("anomalies", "anomaly"),
+        ("late", "late_reading"),
+    ):
+        schema = json.loads((schema_dir / f"{schema_file}.v1.schema.json").read_text())
+        messages = consume_all(stack.kafka, pipeline.topic(topic), idle_s=3)
+        assert messages, f"nothing on {pipeline.topic(topic)}"
+        for message in messages:
+            document = json.loads(message.value())
+            jsonschema.validate(document, schema)
+            assert message.key().decode() == document["entity_id"]
+
+
+def test_two_processes_write_what_one_process_wrote(stack: Settings, pipeline: Run) -> None:
+    prefix = f"e2e_{pipeline.suffix}_x2_"
+    base = _env_for(
+        pipeline.suffix,
+        pipeline.workdir,
+        Path(pipeline.env["TWINFLOW_TWIN_MODEL"]),
+        stack,
+        prefix,
+        f"{pipeline.suffix}x2",
+    )
+    addresses = ";".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    processes = [
+        _spawn(
+            ["run", "-i", str(index), "-a", addresses],
+            base,
+            pipeline.workdir / f"cluster-{index}.log",
+        )
+        for index in range(2)
+    ]
+    try:
+        _wait_rows(stack, pipeline, pipeline.expected, prefix)
+        time.sleep(20)  # idle windows close after 15 s of silence
+    finally:
+        for process in processes:
+            _stop(process)
+    for table, columns in (
+        ("readings", "entity, sensor, ts, value, flags"),
+        ("sensor_windows", "entity, sensor, ts, count, mean, std, slope"),
+        ("anomalies", "entity, ts, score, threshold"),
+        ("twin_state", "entity, ts, status, health, readings"),
+    ):
+        stale = " WHERE status != 'STALE'" if table == "twin_state" else ""
+        one = _frame(
+            stack, f"SELECT {columns} FROM '{pipeline.prefix}{table}'{stale} ORDER BY {columns}"
+        )
+        two = _frame(stack, f"SELECT {columns} FROM '{prefix}{table}'{stale} ORDER BY {columns}")
+        assert len(one) > 0, table
+        pd.testing.assert_frame_equal(one, two, obj=table)

@@ -1,0 +1,58 @@
+import pickle
+from pathlib import Path
+
+import msgspec
+
+from schemas.outputs import Status
+from twinflow.detection import DetectorConfig
+from twinflow.settings import load_settings
+from twinflow.twin import InputMessage, PartitionTwins
+from twinflow.twin_model import load_twin_model
+
+MODEL = load_twin_model(
+    Path(__file__).resolve().parents[2] / "infra" / "twin-model" / "example-plant.yaml"
+)
+START = 1_793_000_000_000
+
+
+def _message(offset: int, ts_ms: int) -> InputMessage:
+    body = {
+        "entity_id": "pump-001",
+        "ts": ts_ms,
+        "values": {"flow": 100.0 + offset % 3, "bearing_temp": 50.0},
+    }
+    return InputMessage("twin.raw", 0, offset, ts_ms, msgspec.json.encode(body))
+
+
+def test_silence_closes_windows_then_marks_stale_at_its_own_time() -> None:
+    flow = load_settings().flow
+    twins = PartitionTwins(MODEL, flow, DetectorConfig())
+    wall = 10_000_000
+    out = twins.step([_message(i, START + i * 1000) for i in range(25)], wall)
+    closed_by_data = [s.ts_ms for s in out.states]
+    assert closed_by_data and all(s.status is not Status.STALE for s in out.states)
+    # Silent past idle_close_s: the open window closes on system time.
+    idle = twins.step([], wall + int(flow.idle_close_s * 1000))
+    window_ms = int(flow.window_s * 1000)
+    assert [s.ts_ms for s in idle.states] == [START + 2 * window_ms, START + 3 * window_ms]
+    # Silent past stale_after_s: STALE, at an event time no real state has.
+    stale = twins.step([], wall + int(flow.stale_after_s * 1000))
+    (state,) = stale.states
+    assert state.status is Status.STALE
+    assert state.ts_ms == START + 24 * 1000 + int(flow.stale_after_s * 1000)
+    assert state.ts_ms not in closed_by_data + [s.ts_ms for s in idle.states]
+    # Readings again: the next closed window brings the entity back from STALE.
+    back = twins.step(
+        [_message(i, START + 200_000 + i * 1000) for i in range(25, 50)], wall + 70_000_000
+    )
+    assert back.states and back.states[-1].status is not Status.STALE
+
+
+def test_a_restored_partition_does_not_take_the_restart_for_silence() -> None:
+    flow = load_settings().flow
+    twins = PartitionTwins(MODEL, flow, DetectorConfig())
+    twins.step([_message(i, START + i * 1000) for i in range(5)], 1_000)
+    restored = pickle.loads(pickle.dumps(twins))
+    # Hours later by the clock: a restore, not hours of silence.
+    assert restored.step([], 10_000_000).states == []
+    assert restored.entities["pump-001"].windows.open

@@ -1,0 +1,46 @@
+"""Online anomaly detection per entity: features, River scorers, a decision rule.
+
+Pure code: no I/O, no Bytewax, no Kafka, so the flow and the offline ``replay`` share it.
+
+>>> from twinflow.detection import DetectorConfig, EntityDetector
+>>> detector = EntityDetector(DetectorConfig())
+>>> detector.process({"flow.mean": 180.0}).warming_up
+True
+"""
+
+from twinflow.detection.detector import (
+    DEFAULT_FLOORS,
+    Detection,
+    DetectorConfig,
+    EntityDetector,
+    Kind,
+)
+from twinflow.detection.features import FEATURES, feature_vector, split_feature
+from twinflow.detection.scorers import (
+    FeatureDeviation,
+    HalfSpaceTreesScorer,
+    Scorer,
+    Standardizer,
+    ZScoreScorer,
+)
+from twinflow.detection.thresholds import Decision, DecisionRule, Persistence, ScoreThreshold
+
+__all__ = [
+    "DEFAULT_FLOORS",
+    "FEATURES",
+    "Decision",
+    "DecisionRule",
+    "Detection",
+    "DetectorConfig",
+    "EntityDetector",
+    "FeatureDeviation",
+    "HalfSpaceTreesScorer",
+    "Kind",
+    "Persistence",
+    "ScoreThreshold",
+    "Scorer",
+    "Standardizer",
+    "ZScoreScorer",
+    "feature_vector",
+    "split_feature",
+]

@@ -1,0 +1,104 @@
+"""``twinflow run``: prepare topics, tables and the recovery store, then run the flow."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from bytewax.recovery import (
+    InconsistentPartitionsError,
+    MissingPartitionsError,
+    NoPartitionsError,
+    RecoveryConfig,
+    init_db_dir,
+)
+from bytewax.run import cli_main
+
+from connectors.kafka import ensure_topics
+from connectors.kafka_sink import KafkaOutputSink
+from connectors.kafka_source import KafkaBatchSource
+from connectors.questdb import QuestDBHttp, ensure_table
+from connectors.questdb_sink import QuestDBSink
+from flows.twin import build_flow
+from twinflow.errors import ConfigError, TwinflowError
+from twinflow.settings import Settings
+from twinflow.tables import tables
+from twinflow.topics import ingest_topics, output_topics
+from twinflow.twin_model import TwinModel
+
+log = logging.getLogger("twinflow.run")
+RECOVERY_PARTITIONS = 4
+"""Recovery partitions created in a new store; any worker count can share them."""
+
+
+def prepare_outputs(settings: Settings) -> None:
+    """Create the flow's topics and tables; refuse tables without their dedup keys."""
+    ensure_topics(
+        settings.kafka, [*ingest_topics(settings.topics), *output_topics(settings.topics)]
+    )
+    sql = QuestDBHttp(settings.questdb)
+    for spec in tables(settings.questdb.table_prefix).all():
+        ensure_table(sql, spec)
+
+
+def recovery_config(settings: Settings) -> RecoveryConfig | None:
+    """The recovery store (created private on first use), or None when recovery is off."""
+    if not settings.flow.recovery:
+        log.warning("recovery is off: a restart reprocesses the topic from the beginning")
+        return None
+    store = settings.flow.recovery_dir or settings.state_dir / "recovery"
+    if not store.exists():
+        store.mkdir(parents=True, mode=0o700)
+        os.chmod(store, 0o700)  # mkdir's mode is filtered by the umask
+        init_db_dir(store, RECOVERY_PARTITIONS)
+        log.info("created recovery store %s (%d partitions)", store, RECOVERY_PARTITIONS)
+    elif store.stat().st_mode & 0o077:
+        raise ConfigError(
+            f"recovery store {store} is readable by others; its snapshots are pickles. "
+            f"Run chmod 700 {store}"
+        )
+    return RecoveryConfig(str(store))
+
+
+def run_flow(
+    settings: Settings,
+    model: TwinModel,
+    *,
+    workers: int = 1,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+) -> None:
+    """Run the twin flow until interrupted (or a sink fails, then raise)."""
+    prepare_outputs(settings)
+    flow = build_flow(
+        settings,
+        model,
+        raw_source=KafkaBatchSource(settings.kafka, settings.topics.raw, settings.flow.batch_size),
+        deadletter_source=KafkaBatchSource(
+            settings.kafka, settings.topics.deadletter, settings.flow.batch_size
+        ),
+        questdb_sink=QuestDBSink(settings.questdb),
+        kafka_sink=KafkaOutputSink(settings.kafka),
+    )
+    recovery = recovery_config(settings)
+    try:
+        cli_main(
+            flow,
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
+            recovery_config=recovery,
+        )
+    except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
+        raise TwinflowError(
+            f"the recovery store {_store(settings)} is damaged ({exc}). Restore it from a "
+            "backup, or move it away to start over from the beginning of the topics "
+            "(outputs are idempotent, so reprocessing rewrites the same rows)."
+        ) from None
+
+
+def _store(settings: Settings) -> Path:
+    return settings.flow.recovery_dir or settings.state_dir / "recovery"

@@ -1,0 +1,127 @@
+"""The QuestDB tables the twin flow writes, created up front (never by ILP auto-create).
+
+All are WAL tables partitioned by day, with the event time as designated timestamp and
+``DEDUP UPSERT KEYS`` on the row's identity: a replay after a crash rewrites the same
+rows instead of adding copies. The flow refuses to start when a table exists without
+its keys (connectors.questdb.ensure_table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from connectors.questdb import TableSpec
+
+READINGS = TableSpec(
+    name="readings",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("sensor", "SYMBOL"),
+        ("value", "DOUBLE"),
+        ("flags", "INT"),
+    ),
+    timestamp="ts",
+    dedup_keys=("ts", "entity", "sensor"),
+)
+
+SENSOR_WINDOWS = TableSpec(
+    name="sensor_windows",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("sensor", "SYMBOL"),
+        ("window_end", "TIMESTAMP"),
+        ("count", "LONG"),
+        ("mean", "DOUBLE"),
+        ("min", "DOUBLE"),
+        ("max", "DOUBLE"),
+        ("std", "DOUBLE"),
+        ("last", "DOUBLE"),
+        ("slope", "DOUBLE"),
+        ("flagged", "LONG"),
+    ),
+    timestamp="ts",
+    dedup_keys=("ts", "entity", "sensor"),
+)
+
+TWIN_STATE = TableSpec(
+    name="twin_state",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("status", "SYMBOL"),
+        ("health", "DOUBLE"),
+        ("anomaly_score", "DOUBLE"),
+        ("threshold", "DOUBLE"),
+        ("readings", "LONG"),
+        ("flagged", "LONG"),
+        ("duplicates", "LONG"),
+        ("late", "LONG"),
+        ("dead_letters", "LONG"),
+        ("anomalies", "LONG"),
+    ),
+    timestamp="ts",
+    dedup_keys=("ts", "entity"),
+)
+
+ANOMALIES = TableSpec(
+    name="anomalies",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("window_end", "TIMESTAMP"),
+        ("score", "DOUBLE"),
+        ("threshold", "DOUBLE"),
+        ("model", "SYMBOL"),
+        ("top_sensors", "VARCHAR"),
+        ("explanation", "VARCHAR"),
+    ),
+    timestamp="ts",
+    dedup_keys=("ts", "entity"),
+)
+
+DEADLETTERS = TableSpec(
+    name="deadletters",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("reason", "SYMBOL"),
+        ("source_kind", "SYMBOL"),
+        ("source", "VARCHAR"),
+        ("kafka_partition", "INT"),
+        ("kafka_offset", "LONG"),
+        ("entity", "SYMBOL"),
+        ("detail", "VARCHAR"),
+        ("payload_size", "INT"),
+        ("payload_sha256", "VARCHAR"),
+        ("payload_excerpt", "VARCHAR"),
+    ),
+    timestamp="ts",
+    dedup_keys=("ts", "source", "kafka_offset", "payload_sha256"),
+)
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The flow's tables under one name prefix (``questdb.table_prefix``)."""
+
+    readings: TableSpec
+    sensor_windows: TableSpec
+    twin_state: TableSpec
+    anomalies: TableSpec
+    deadletters: TableSpec
+
+    def all(self) -> tuple[TableSpec, ...]:
+        """Every table, in creation order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def tables(prefix: str = "") -> Tables:
+    """The tables, their names prefixed (isolated test runs, several plants per server).
+
+    >>> tables("t1_").readings.name
+    't1_readings'
+    """
+    specs = (READINGS, SENSOR_WINDOWS, TWIN_STATE, ANOMALIES, DEADLETTERS)
+    return Tables(*(dataclasses.replace(spec, name=prefix + spec.name) for spec in specs))
