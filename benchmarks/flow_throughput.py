@@ -28,6 +28,7 @@ from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
 from connectors.questdb import QuestDBError, QuestDBHttp
 from twinflow.services.process import rss_bytes
 from twinflow.settings import Settings, load_settings
+from twinflow.sim.faults import FaultPlan
 from twinflow.sim.messages import DataFaultPlan, MessageEncoder
 from twinflow.sim.scenario import Scenario, ScenarioConfig
 from twinflow.twin_model import load_twin_model
@@ -40,8 +41,14 @@ def produce_workload(settings: Settings, topic: str, readings: int, seed: int) -
     start_ms = int((time.time() - duration_s - 600) * 1000)
     scenario = Scenario(
         model,
+        # No sensor faults: their spikes may leave the valid range and become dead
+        # letters, and the count of readings to wait for must be exact.
         ScenarioConfig(
-            start_ms=start_ms, duration_s=duration_s, rate=readings / duration_s, seed=seed
+            start_ms=start_ms,
+            duration_s=duration_s,
+            rate=readings / duration_s,
+            seed=seed,
+            faults=FaultPlan(process_fault_share=0.3, sensor_fault_share=0.0),
         ),
     )
     quiet = DataFaultPlan(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import msgspec
 
@@ -131,20 +130,7 @@ def deadletter_batches(messages: Sequence[InputMessage], tables: Tables) -> list
         try:
             letters.append(_letters.decode(message.value))
         except msgspec.DecodeError as exc:
-            letters.append(
-                deadletter.dead_letter(
-                    message.value,
-                    Reason.SCHEMA,
-                    f"not a dead letter: {exc}",
-                    deadletter.Source(
-                        kind="kafka",
-                        topic=message.topic,
-                        partition=message.partition,
-                        offset=message.offset,
-                    ),
-                    datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
-                )
-            )
+            letters.append(message.dead_letter(Reason.SCHEMA, f"not a dead letter: {exc}"))
     if not letters:
         return []
     return [

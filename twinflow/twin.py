@@ -52,6 +52,22 @@ class InputMessage:
     timestamp_ms: int
     value: bytes
 
+    def dead_letter(
+        self, reason: Reason, detail: str, entity_id: str | None = None
+    ) -> deadletter.DeadLetter:
+        """The message as a dead letter, with its Kafka coordinates."""
+        return deadletter.dead_letter(
+            self.value,
+            reason,
+            detail,
+            deadletter.Source(
+                kind="kafka", topic=self.topic, partition=self.partition, offset=self.offset
+            ),
+            # The message's Kafka time, not the clock: a replay rebuilds the same letter.
+            datetime.fromtimestamp(self.timestamp_ms / 1000, UTC),
+            entity_id=entity_id,
+        )
+
 
 @dataclass(slots=True)
 class ReadingColumns:
@@ -239,20 +255,7 @@ class PartitionTwins:
         if twin is not None:
             twin.counts["dead_letters"] += 1
         out.dead_letters.append(
-            deadletter.dead_letter(
-                message.value,
-                reason,
-                detail,
-                deadletter.Source(
-                    kind="kafka",
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                ),
-                # The message's Kafka time, not the clock: a replay rebuilds the same letter.
-                datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
-                entity_id=twin.entity_id if twin is not None else None,
-            )
+            message.dead_letter(reason, detail, twin.entity_id if twin is not None else None)
         )
 
     def _emit_closed(
