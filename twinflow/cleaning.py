@@ -11,8 +11,8 @@ Rules (thresholds come from the twin model's sensor spec):
   value enters that window, spikes too: the median shrugs off a lone outlier, and a
   real level shift must become the new normal after half a window, not be flagged
   forever;
-- gap: more than ``GAP_FACTOR`` typical sampling intervals since the previous reading
-  -> GAP on the first reading after it.
+- gap: more than ``GAP_FACTOR`` typical (median of the last few) sampling intervals
+  since the previous reading -> GAP on the first reading after it.
 
 Readings older than the sensor's newest (out of order, within the allowed lateness)
 are flagged only by the spike rule: the other rules compare against the newest reading.
@@ -77,8 +77,9 @@ def quality_flags(spec: SensorSpec, history: SensorHistory, ts_ms: int, value: f
             flags |= Flag.RATE
         if len(history.intervals) >= 3 and dt_ms > GAP_FACTOR * median(history.intervals):
             flags |= Flag.GAP
-        else:
-            history.intervals.append(dt_ms)
+        # Gaps count as intervals too: a lone gap barely moves the median, and a new
+        # sampling rate must become the typical interval, not be a gap forever.
+        history.intervals.append(dt_ms)
         if value == history.last_value:
             since = history.unchanged_since_ms or history.last_ts_ms
             history.unchanged_since_ms = since

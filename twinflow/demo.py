@@ -96,7 +96,7 @@ def run_demo(
             if flow.poll() is not None:
                 raise TwinflowError(f"the twin flow stopped; see {log_dir / 'flow.log'}")
             time.sleep(VIEW_EVERY_S)
-            console.print(_view(sql, names, bridge))
+            console.print(_view(sql, names, bridge, start))
             if drained_at is None and not plant.is_alive():
                 drained_at = time.monotonic() + DRAIN_S
     finally:
@@ -116,20 +116,22 @@ def run_demo(
     )
 
 
-def _view(sql: QuestDBHttp, names: Any, bridge: MqttBridge) -> Table:
+def _view(sql: QuestDBHttp, names: Any, bridge: MqttBridge, since: datetime) -> Table:
+    """Figures of the current run: rows from its simulated start on (tables keep older runs)."""
+    after = f"WHERE ts >= '{since.isoformat().replace('+00:00', 'Z')}'"
     table = Table(title=f"twinflow live — {datetime.now(UTC):%H:%M:%S} UTC", show_lines=False)
     table.add_column("what")
     table.add_column("now")
     try:
-        readings = sql.exec(f"SELECT count() FROM '{names.readings.name}'").rows[0][0]  # noqa: S608
+        readings = sql.exec(f"SELECT count() FROM '{names.readings.name}' {after}").rows[0][0]  # noqa: S608
         statuses = sql.exec(
             "SELECT status, count() FROM "  # noqa: S608
-            f"(SELECT * FROM '{names.twin_state.name}' LATEST ON ts PARTITION BY entity) "
+            f"(SELECT * FROM '{names.twin_state.name}' {after} LATEST ON ts PARTITION BY entity) "
             "GROUP BY status ORDER BY status"
         ).rows
         latest = sql.exec(
             f"SELECT ts, entity, score, threshold, top_sensors FROM '{names.anomalies.name}' "  # noqa: S608
-            "ORDER BY ts DESC LIMIT 4"
+            f"{after} ORDER BY ts DESC LIMIT 4"
         ).rows
     except QuestDBError as exc:
         table.add_row("QuestDB", f"not answering: {exc}")

@@ -43,3 +43,14 @@ def test_out_of_order_readings_leave_the_history_in_order() -> None:
     before = (history.last_ts_ms, history.last_value)
     assert quality_flags(SPEC, history, 5000, 100.1) == 0
     assert (history.last_ts_ms, history.last_value) == before
+
+
+def test_a_new_sampling_rate_becomes_the_typical_interval() -> None:
+    history = SensorHistory()
+    fast = [quality_flags(SPEC, history, i * 150, 100.0 + (i % 2)) for i in range(20)]
+    assert not any(f & Flag.GAP for f in fast)
+    start = 20 * 150
+    slow = [quality_flags(SPEC, history, start + i * 2000, 100.0 + (i % 2)) for i in range(1, 20)]
+    gaps = [i for i, f in enumerate(slow) if f & Flag.GAP]
+    assert gaps and max(gaps) < 6
+    assert not any(f & Flag.GAP for f in slow[6:])
