@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,16 @@ def ensure_topics(kafka: KafkaSettings, specs: Iterable[TopicSpec], timeout_s: f
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise KafkaSetupError(f"cannot create topic {name}: {exc}") from None
+    # A topic just created (here, or by a bridge and a flow starting together) can take
+    # a moment to appear in the broker's metadata.
+    deadline = time.monotonic() + timeout_s
     topics = admin.list_topics(timeout=timeout_s).topics
+    while not wanted.keys() <= topics.keys():
+        if time.monotonic() > deadline:
+            absent = sorted(wanted.keys() - topics.keys())
+            raise KafkaSetupError(f"topics {absent} did not appear within {timeout_s:g} s")
+        time.sleep(0.1)
+        topics = admin.list_topics(timeout=timeout_s).topics
     for name, spec in wanted.items():
         actual = len(topics[name].partitions)
         if actual != spec.partitions:

@@ -10,9 +10,11 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
 from confluent_kafka import Consumer, Message
 
 from connectors.kafka import client_config
+from schemas.outputs import Flag
 from twinflow.settings import KafkaSettings
 
 
@@ -92,3 +94,24 @@ def wait_for_line(log_file: Path, needle: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
     text = log_file.read_text(errors="replace") if log_file.exists() else "(no log)"
     raise AssertionError(f"{needle!r} not in {log_file} after {timeout_s} s:\n{text[-3000:]}")
+
+
+def recompute_windows(
+    readings: pd.DataFrame, late: set[tuple[str, str, int]], window_ms: int
+) -> pd.DataFrame:
+    """Window features recomputed from readings (columns entity, sensor, ts_ms, value,
+    flags): on-time, non-spike readings grouped by (entity, sensor, window start)."""
+    starts = readings["ts_ms"] - readings["ts_ms"] % window_ms
+    keys = zip(readings["entity"], readings["sensor"], readings["ts_ms"], strict=True)
+    on_time = pd.Series([key not in late for key in keys], index=readings.index)
+    keep = on_time & ((readings["flags"] & int(Flag.SPIKE)) == 0)
+    grouped = readings.assign(start=starts)[keep].groupby(["entity", "sensor", "start"])["value"]
+    return pd.DataFrame(
+        {
+            "count": grouped.count(),
+            "mean": grouped.mean(),
+            "min": grouped.min(),
+            "max": grouped.max(),
+            "std": grouped.std(ddof=0),
+        }
+    ).add_suffix("_re")

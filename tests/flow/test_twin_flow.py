@@ -19,8 +19,8 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from connectors.kafka import KafkaRecord
 from connectors.questdb import TableBatch
 from flows.twin import build_flow
-from schemas.outputs import Flag
 from schemas.raw import SchemaError, decode_raw
+from tests.helpers import recompute_windows
 from twinflow.settings import Settings, load_settings
 from twinflow.sim.faults import FaultPlan
 from twinflow.sim.messages import DataFaultPlan, MessageEncoder
@@ -224,35 +224,16 @@ def test_window_features_match_a_recomputation_from_readings(
     readings = readings.assign(
         ts_ms=readings["ts"].astype("int64") // 1_000_000,
     )
-    readings = readings.assign(start=readings["ts_ms"] - readings["ts_ms"] % length_ms)
     late = {
         (r["entity_id"], r["sensor"], r["ts_ms"])
         for r in (json.loads(x.value) for x in one_worker[1] if x.topic == "twin.late")
     }
-    on_time = readings[
-        [
-            (e, s, t) not in late
-            for e, s, t in zip(
-                readings["entity"], readings["sensor"], readings["ts_ms"], strict=True
-            )
-        ]
-    ]
-    clean = on_time[(on_time["flags"] & int(Flag.SPIKE)) == 0]
-    grouped = clean.groupby(["entity", "sensor", "start"])["value"]
-    recomputed = pd.DataFrame(
-        {
-            "count": grouped.count(),
-            "mean": grouped.mean(),
-            "min": grouped.min(),
-            "max": grouped.max(),
-            "std": grouped.std(ddof=0),
-        }
-    )
+    recomputed = recompute_windows(readings, late, length_ms)
     windows = windows.assign(start=windows["ts"].astype("int64") // 1_000_000).set_index(
         ["entity", "sensor", "start"]
     )
     assert len(windows) > 100
-    joined = windows.join(recomputed.add_suffix("_re"), how="left")
+    joined = windows.join(recomputed, how="left")
     assert (joined["count"] == joined["count_re"]).all()
     for column in ("mean", "min", "max", "std"):
         np.testing.assert_allclose(joined[column], joined[f"{column}_re"], rtol=1e-9, atol=1e-9)

@@ -27,9 +27,15 @@ import pytest
 import yaml
 
 from connectors.questdb import QuestDBError, QuestDBHttp
-from schemas.outputs import Flag
 from schemas.raw import SchemaError, decode_raw
-from tests.helpers import clean_env, consume_all, free_ports, twinflow_cli, wait_for_line
+from tests.helpers import (
+    clean_env,
+    consume_all,
+    free_ports,
+    recompute_windows,
+    twinflow_cli,
+    wait_for_line,
+)
 from twinflow.settings import Settings
 from twinflow.twin_model import TwinModel, load_twin_model
 
@@ -254,26 +260,7 @@ def test_window_features_equal_a_recomputation_from_readings(
         )
     }
     readings["ts_ms"] = _epoch_ms(readings["ts"])
-    readings["start"] = readings["ts_ms"] - readings["ts_ms"] % 10_000
-    on_time = readings[
-        [
-            (e, s, t) not in late
-            for e, s, t in zip(
-                readings["entity"], readings["sensor"], readings["ts_ms"], strict=True
-            )
-        ]
-    ]
-    clean = on_time[(on_time["flags"] & int(Flag.SPIKE)) == 0]
-    grouped = clean.groupby(["entity", "sensor", "start"])["value"]
-    recomputed = pd.DataFrame(
-        {
-            "count": grouped.count(),
-            "mean": grouped.mean(),
-            "min": grouped.min(),
-            "max": grouped.max(),
-            "std": grouped.std(ddof=0),
-        }
-    ).add_suffix("_re")
+    recomputed = recompute_windows(readings, late, 10_000)
     windows["start"] = _epoch_ms(windows["ts"])
     joined = windows.set_index(["entity", "sensor", "start"]).join(recomputed, how="left")
     assert len(joined) > ENTITIES * 5 * 600  # two hours of 10 s windows, most of them
