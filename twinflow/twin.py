@@ -276,15 +276,11 @@ class PartitionTwins:
             if detection.is_anomaly:
                 twin.counts["anomalies"] += 1
                 out.anomalies.append(
-                    Anomaly(
-                        msg_id=f"{twin.entity_id}@{start}",
+                    detection.to_anomaly(
                         entity_id=twin.entity_id,
                         window_start_ms=start,
                         window_end_ms=end,
-                        score=detection.score,
-                        threshold=detection.threshold or 0.0,
-                        model=self.detector_config.kind,
-                        contributions=detection.contributions,
+                        msg_id=f"{twin.entity_id}@{start}",
                     )
                 )
             count = sum(window.count for window in windows.values())
