@@ -2,12 +2,13 @@
 VENV := .venv/bin
 .DEFAULT_GOAL := help
 
-.PHONY: help venv setup demo test lint up down status
+.PHONY: help venv setup demo test lint up down status evaluate
 
 help:
 	@echo "make demo   - install everything, start Kafka, QuestDB and Mosquitto, run the demo"
 	@echo "make test   - install everything, then lint, type-check and run all tests"
 	@echo "make up | down | status - manage the local services"
+	@echo "make evaluate - detection quality on SKAB's labeled pump data (no services needed)"
 
 venv:
 	@bash infra/bootstrap.sh
@@ -36,3 +37,6 @@ down: venv
 
 status: venv
 	@$(VENV)/twinflow status
+
+evaluate: venv
+	@$(VENV)/python -m benchmarks.skab_evaluation

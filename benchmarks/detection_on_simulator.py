@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from schemas.outputs import SensorWindow
-from twinflow.detection import DetectorConfig, EntityDetector, Kind, feature_vector
+from twinflow.detection import Aggregate, DetectorConfig, EntityDetector, Kind
 from twinflow.sim.faults import Category, Fault
 from twinflow.sim.scenario import Scenario, ScenarioConfig
 from twinflow.twin_model import TwinModel, load_twin_model
@@ -146,7 +146,7 @@ def run_detectors(windows: dict[str, EntityWindowsList], config: DetectorConfig)
     for entity_id, entity_windows in windows.items():
         detector = EntityDetector(config)
         for start, by_sensor in entity_windows:
-            detection = detector.process(feature_vector(by_sensor))
+            detection = detector.process_window(by_sensor)
             result.windows += 1
             if detection.is_anomaly:
                 assert detection.threshold is not None
@@ -301,6 +301,8 @@ class Score:
 
 CONFIGS: dict[str, DetectorConfig] = {
     "zscore (default)": DetectorConfig(),
+    "zscore max, unsmoothed": DetectorConfig(smoothing=1.0),
+    "zscore rms, unsmoothed": DetectorConfig(smoothing=1.0, aggregate=Aggregate.RMS),
     "hst": DetectorConfig(kind=Kind.HST),
 }
 TARGET_RECALL = 0.9

@@ -75,6 +75,7 @@ class Contribution(msgspec.Struct, frozen=True):
     sensor: str
     feature: str
     value: float
+    """The feature as the model scored it: exponentially smoothed over recent windows."""
     expected_low: float
     expected_high: float
     weight: float

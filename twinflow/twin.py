@@ -33,7 +33,7 @@ from schemas.outputs import (
 )
 from schemas.raw import Reason, SchemaError, decode_raw
 from twinflow.cleaning import SensorHistory, quality_flags
-from twinflow.detection import DetectorConfig, EntityDetector, feature_vector
+from twinflow.detection import DetectorConfig, EntityDetector
 from twinflow.settings import FlowSettings
 from twinflow.state import StatusMachine
 from twinflow.twin_model import TwinModel
@@ -271,7 +271,7 @@ class PartitionTwins:
                 continue
             out.windows.extend(windows.values())
             twin.counts["windows"] += 1
-            detection = twin.detector.process(feature_vector(windows))
+            detection = twin.detector.process_window(windows)
             twin.last_score, twin.last_threshold = detection.score, detection.threshold
             if detection.is_anomaly:
                 twin.counts["anomalies"] += 1

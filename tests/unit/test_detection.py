@@ -9,6 +9,7 @@ from schemas.outputs import Anomaly, Contribution, SensorWindow, encode
 from twinflow.detection import (
     DetectorConfig,
     EntityDetector,
+    FeatureSmoother,
     Kind,
     ScoreThreshold,
     Standardizer,
@@ -25,8 +26,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "infra" / "twin-model" / "exampl
 SENSORS = ("flow", "discharge_pressure", "vibration_rms")
 LEVELS = {"flow": 180.0, "discharge_pressure": 9.0, "vibration_rms": 2.2}
 
-ZSCORE = DetectorConfig(warmup_windows=60)
-HST = DetectorConfig(kind=Kind.HST, warmup_windows=120, hst_window=40)
+# Unsmoothed, so that each window's verdict shows the rule itself; smoothing has its own tests.
+ZSCORE = DetectorConfig(warmup_windows=60, smoothing=1.0)
+HST = DetectorConfig(kind=Kind.HST, warmup_windows=120, hst_window=40, smoothing=1.0)
 CONFIGS = pytest.mark.parametrize("config", [ZSCORE, HST], ids=["zscore", "hst"])
 
 
@@ -329,7 +331,7 @@ def test_process_faults_of_the_simulator_are_found_and_explained() -> None:
         detector = EntityDetector()
         flagged = []
         for start, by_sensor in windows:
-            detection = detector.process(feature_vector(by_sensor))
+            detection = detector.process_window(by_sensor)
             if detection.is_anomaly:
                 flagged.append((start, detection.contributions[0].sensor))
         inside = [
@@ -341,3 +343,52 @@ def test_process_faults_of_the_simulator_are_found_and_explained() -> None:
         assert len(inside) >= 0.5 * len(flagged)
         assert inside[0][1] in plausible
         assert all(start >= fault.start_ms - 10 * WINDOW_MS for start, _ in flagged)
+
+
+# smoothing and per-feature learning -------------------------------------------------
+
+
+def noisy_windows(n: int, shift_from: int, shift: float, seed: int) -> list[dict[str, float]]:
+    """Two independent N(0, 1) features; ``a.mean`` moves by ``shift`` from ``shift_from``."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"a.mean": rng.normal(shift if i >= shift_from else 0.0, 1.0), "b.mean": rng.normal()}
+        for i in range(n)
+    ]
+
+
+def test_smoothing_finds_a_shift_smaller_than_the_noise() -> None:
+    windows = noisy_windows(700, shift_from=400, shift=1.0, seed=12)
+    found = {}
+    for smoothing in (1.0, 0.05):
+        detector = EntityDetector(DetectorConfig(warmup_windows=300, smoothing=smoothing))
+        flags = [detector.process(x).is_anomaly for x in windows]
+        found[smoothing] = (sum(flags[:400]), sum(flags[400:]))
+    assert found[0.05][0] == 0  # no false alarm before the shift
+    assert found[0.05][1] > 200  # most of the shifted windows
+    assert found[1.0][1] < 30  # a 1-sigma shift is lost in the noise of single windows
+
+
+def test_the_smoothing_weight_is_per_reading() -> None:
+    # A window of ten readings moves a feature as far as ten windows of one reading.
+    window_of_ten, ten_windows = FeatureSmoother(0.05), FeatureSmoother(0.05)
+    for smoother in (window_of_ten, ten_windows):
+        smoother.update({"a.mean": 0.0})
+    moved = window_of_ten.update({"a.mean": 1.0}, readings={"a": 10})["a.mean"]
+    for _ in range(10):
+        step = ten_windows.update({"a.mean": 1.0})["a.mean"]
+    assert moved == pytest.approx(step) == pytest.approx(1 - 0.95**10)
+
+
+def test_slow_drift_of_one_feature_is_followed_not_alarmed_for_ever() -> None:
+    # Each feature learns on its own while it is within the learn gate: a slowly drifting
+    # signal keeps being learned. (A gate on the whole window stops all learning once the
+    # drift first crosses it, and every later window is an anomaly.)
+    rng = np.random.default_rng(13)
+    detector = EntityDetector(DetectorConfig(warmup_windows=300))
+    flags = []
+    for i in range(4000):
+        x = {"a.mean": rng.normal(0.005 * i, 1.0), "b.mean": rng.normal()}
+        flags.append(detector.process(x).is_anomaly)
+    assert sum(flags[300:]) < 0.05 * len(flags[300:])
+    assert not any(flags[-500:])

@@ -17,23 +17,27 @@ from twinflow.detection.detector import (
 )
 from twinflow.detection.features import FEATURES, feature_vector, split_feature
 from twinflow.detection.scorers import (
+    Aggregate,
     FeatureDeviation,
     HalfSpaceTreesScorer,
     Scorer,
     Standardizer,
     ZScoreScorer,
 )
+from twinflow.detection.smoothing import FeatureSmoother
 from twinflow.detection.thresholds import Decision, DecisionRule, Persistence, ScoreThreshold
 
 __all__ = [
     "DEFAULT_FLOORS",
     "FEATURES",
+    "Aggregate",
     "Decision",
     "DecisionRule",
     "Detection",
     "DetectorConfig",
     "EntityDetector",
     "FeatureDeviation",
+    "FeatureSmoother",
     "HalfSpaceTreesScorer",
     "Kind",
     "Persistence",

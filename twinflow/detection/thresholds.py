@@ -24,11 +24,13 @@ with a calibration phase (Phase I) and a monitoring phase (Phase II):
    from its ``k``-th window on. On the simulator's development seeds, 2 of 3 cost one
    window (10 s) of delay and removed all 10 false alarms and all 7 single-reading
    spikes that 1 of 1 flagged.
-4. **What the model learns**: in Phase II only windows scoring at most ``Q_q`` (the
-   calibrated high quantile, below the threshold). Anomalies are kept out, and so are
-   elevated windows the threshold has not caught yet: the onset of a slow fault must
-   not teach the model that it is normal. The cost is that the top ``1 - q`` of normal
-   windows are not learned either (their variance is slightly underestimated).
+4. **What the model learns**: in Phase II only what looks normal. ``Decision.learn``
+   says whether a window scored at most ``Q_q`` (the calibrated high quantile, below
+   the threshold): the trees learn only such windows, so anomalies stay out, and so do
+   elevated windows the threshold has not caught yet (the onset of a slow fault must
+   not teach the model that it is normal). The z-score model goes further and gates
+   each feature on its own (``DetectorConfig.learn_gate``), which also follows slow
+   normal drift; see :class:`~twinflow.detection.EntityDetector`.
 
 Why the threshold stops moving, and why learning stops at ``Q_q``: a slow fault
 teaches whatever keeps learning from the windows it lets through. On the simulator's

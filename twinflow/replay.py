@@ -1,0 +1,267 @@
+r"""Offline replay: the flow's per-entity detection over a CSV, one output row per input row.
+
+Each CSV row is one sampling instant of one entity; every column except the time column
+and the excluded ones is a sensor. Rows go, in file order, through the same code the twin
+flow runs for an entity once its readings are clean: :class:`~twinflow.windows.EntityWindows`
+(tumbling windows of ``window_rows`` rows) and
+:meth:`~twinflow.detection.EntityDetector.process_window` of one detector with the flow's
+defaults. A window's score and verdict go to each of its rows. Time is the row's
+position (window ``k`` holds rows ``k·w .. k·w + w - 1``), so the time column is copied,
+never parsed, and gaps or repeated timestamps change nothing.
+
+What the flow does and replay does not: validation against a twin model (ranges, units)
+and the cleaning flags, which need the model's sensor specs; a CSV has none. A missing
+reading (an empty or NaN cell) is what it is in the flow: the sensor has no reading at
+that instant, a window without any reading of a sensor has no features for it, and a
+window without any reading at all is not scored (its rows get an empty score).
+
+>>> import io
+>>> rows = "t;a;label\n" + "".join(f"{i};{10 + i % 3};0\n" for i in range(70))
+>>> out = io.StringIO()
+>>> summary = replay_csv(io.StringIO(rows), out, ReplayOptions(
+...     exclude_columns=("label",), warmup_rows=60, window_rows=1))
+>>> summary.rows, summary.sensors, summary.anomalies
+(70, ('a',), 0)
+>>> out.getvalue().splitlines()[0]
+'timestamp,score,is_anomaly'
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TextIO
+
+from twinflow.detection import DetectorConfig, EntityDetector
+from twinflow.errors import TwinflowError
+from twinflow.windows import EntityWindows
+
+OUTPUT_COLUMNS = ("timestamp", "score", "is_anomaly")
+MISSING = frozenset({"", "nan", "na", "null", "none"})
+"""Cells (lower-cased, stripped) that mean "no reading", as NaN does."""
+_ROW_MS = 1000
+"""Each row is one step of 1 s on the windows' clock (the unit does not matter)."""
+
+
+class ReplayError(TwinflowError):
+    """The input cannot be replayed; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """How a CSV is read and windowed; the detector itself is ``detector``."""
+
+    time_column: str | None = None
+    """Copied to the output as ``timestamp``; None: the first column."""
+    delimiter: str | None = None
+    """None: ``;`` or ``,``, whichever the header line has more of."""
+    exclude_columns: tuple[str, ...] = ()
+    """Columns that never reach the model (labels, ids)."""
+    warmup_rows: int | None = None
+    """Rows learned from and never flagged; None: the detector's warm-up in windows."""
+    window_rows: int = 1
+    """Rows per feature window; 1 scores every row on its own."""
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+    def detector_config(self) -> DetectorConfig:
+        """The detector's configuration with the warm-up converted from rows to windows."""
+        if self.window_rows < 1:
+            raise ReplayError(f"--window must be at least 1 row, got {self.window_rows}")
+        if self.warmup_rows is None:
+            return self.detector
+        if self.warmup_rows < 0:
+            raise ReplayError(f"--warmup must not be negative, got {self.warmup_rows}")
+        windows = math.ceil(self.warmup_rows / self.window_rows)
+        try:
+            return replace(self.detector, warmup_windows=windows)
+        except ValueError as exc:
+            raise ReplayError(
+                f"--warmup {self.warmup_rows} rows is {windows} window(s) of "
+                f"{self.window_rows} row(s), too short: {exc}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class ReplayRow:
+    """The verdict on one input row."""
+
+    timestamp: str
+    score: float
+    """NaN when the row's window had no reading at all."""
+    threshold: float | None
+    is_anomaly: bool
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    """What a replay did."""
+
+    rows: int
+    windows: int
+    anomalies: int
+    """Rows flagged."""
+    sensors: tuple[str, ...]
+    threshold: float | None
+    """The threshold fixed at the end of the warm-up (None if the file ended first)."""
+    warmup_windows: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    time_index: int
+    sensors: tuple[tuple[int, str], ...]
+    width: int
+
+
+def _layout(header: list[str], options: ReplayOptions, source: str) -> _Layout:
+    names = [name.strip() for name in header]
+    if names and names[0].startswith("\ufeff"):
+        names[0] = names[0][1:]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ReplayError(f"{source}: header repeats column(s) {repeated}")
+    time_column = options.time_column or names[0]
+    wanted = [time_column, *options.exclude_columns]
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise ReplayError(
+            f"{source}: no column(s) {missing} in the header (columns: {names}); "
+            "check --time-column and --exclude-columns"
+        )
+    skip = set(wanted)
+    sensors = tuple((i, name) for i, name in enumerate(names) if name not in skip)
+    if not sensors:
+        raise ReplayError(f"{source}: no sensor columns left after the time and excluded columns")
+    return _Layout(names.index(time_column), sensors, len(names))
+
+
+def _delimiter(first_line: str, given: str | None) -> str:
+    if given is not None:
+        if len(given) != 1:
+            raise ReplayError(f"--delimiter must be one character, got {given!r}")
+        return given
+    return ";" if first_line.count(";") > first_line.count(",") else ","
+
+
+def _value(cell: str, line: int, column: str, source: str) -> float | None:
+    text = cell.strip()
+    if text.lower() in MISSING:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ReplayError(
+            f"{source}: line {line}, column {column!r}: {cell!r} is not a number "
+            "(exclude the column with --exclude-columns if it is not a sensor)"
+        ) from None
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        raise ReplayError(f"{source}: line {line}, column {column!r}: {cell!r} is not finite")
+    return value
+
+
+def replay_rows(
+    lines: Iterable[str], options: ReplayOptions, source: str = "input"
+) -> Iterator[ReplayRow | ReplaySummary]:
+    """Every row's verdict, in input order, then one :class:`ReplaySummary`.
+
+    A window's rows are yielded when it closes, so memory holds one window, whatever
+    the length of the input.
+    """
+    config = options.detector_config()
+    iterator = iter(lines)
+    first = next(iterator, None)
+    if first is None or not first.strip():
+        raise ReplayError(f"{source}: empty file (expected a header line, then rows)")
+    delimiter = _delimiter(first, options.delimiter)
+    reader = csv.reader(_chain(first, iterator), delimiter=delimiter)
+    layout = _layout(next(reader), options, source)
+    detector = EntityDetector(config)
+    windows = EntityWindows("replay", length_ms=options.window_rows * _ROW_MS, lateness_ms=0)
+    pending: list[str] = []
+    rows = window_count = anomalies = 0
+
+    def close() -> Iterator[ReplayRow]:
+        nonlocal window_count, anomalies
+        closed = windows.close_due(idle=True)
+        by_sensor = closed[0][1] if closed else {}
+        score, threshold, flagged = math.nan, detector.threshold, False
+        if by_sensor:
+            detection = detector.process_window(by_sensor)
+            score, threshold, flagged = detection.score, detection.threshold, detection.is_anomaly
+        window_count += 1
+        anomalies += flagged * len(pending)
+        for timestamp in pending:
+            yield ReplayRow(timestamp, score, threshold, flagged)
+        pending.clear()
+
+    for cells in reader:
+        line = reader.line_num
+        if not cells:
+            continue  # a blank line is not a row
+        if len(cells) != layout.width:
+            raise ReplayError(
+                f"{source}: line {line} has {len(cells)} fields, the header has {layout.width}"
+            )
+        ts_ms = rows * _ROW_MS
+        for index, name in layout.sensors:
+            value = _value(cells[index], line, name, source)
+            if value is not None:
+                windows.add(name, ts_ms, value, 0)
+        pending.append(cells[layout.time_index])
+        rows += 1
+        if rows % options.window_rows == 0:
+            yield from close()
+    if rows == 0:
+        raise ReplayError(f"{source}: no rows after the header")
+    if pending:
+        yield from close()
+    yield ReplaySummary(
+        rows=rows,
+        windows=window_count,
+        anomalies=anomalies,
+        sensors=tuple(name for _, name in layout.sensors),
+        threshold=detector.threshold,
+        warmup_windows=config.warmup_windows,
+    )
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def replay_csv(source: TextIO, out: TextIO, options: ReplayOptions) -> ReplaySummary:
+    """Replay ``source`` into ``out`` (``timestamp,score,is_anomaly``); the summary."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(OUTPUT_COLUMNS)
+    name = getattr(source, "name", "input")
+    for item in replay_rows(source, options, source=str(name)):
+        if isinstance(item, ReplaySummary):
+            return item
+        score = "" if math.isnan(item.score) else repr(item.score)
+        writer.writerow((item.timestamp, score, int(item.is_anomaly)))
+    raise AssertionError("replay_rows always ends with a summary")
+
+
+def replay_file(input_path: Path, output_path: Path, options: ReplayOptions) -> ReplaySummary:
+    """Replay a CSV file into another; the output is replaced only when the replay succeeds."""
+    if not input_path.is_file():
+        raise ReplayError(f"{input_path}: no such file")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_path.with_name(output_path.name + ".partial")
+    try:
+        with (
+            input_path.open(newline="", encoding="utf-8") as source,
+            partial.open("w", newline="", encoding="utf-8") as out,
+        ):
+            summary = replay_csv(source, out, options)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(output_path)
+    return summary
