@@ -211,8 +211,8 @@ class EntityDetector:
       high") locks up on slow normal drift: once one feature (SKAB's fluid temperature
       over hours) drifts past it, nothing is learned again and every later window is an
       anomaly (98 % of SKAB's anomaly-free run after its warm-up, against 3 % per
-      feature). 4 sigmas: 3.5 still locked up there; 5 and 6 missed more of SKAB's
-      valve faults (``benchmarks/skab_evaluation.py``);
+      feature). 4 sigmas: 3.5 still locked up there (93 %); 5 missed more of SKAB's
+      valve faults (F1 0.78 against 0.85, ``benchmarks/skab_evaluation.py``);
     - the trees learn whole windows, only those the rule marks as normal.
 
     The scorer is created on the first window (HST trees on the first one learned).
