@@ -105,8 +105,8 @@ class KafkaService(LocalService):
                 *java_argv,
                 "kafka.tools.StorageTool",
                 "format",
-                "--cluster-id",
-                new_cluster_id(),
+                # One argument: an id starting with "-" (1 in 64) would read as an option.
+                f"--cluster-id={new_cluster_id()}",
                 "--config",
                 str(config),
             ]
