@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.results import plain
 from schemas.outputs import SensorWindow
 from twinflow.detection import Aggregate, DetectorConfig, EntityDetector, Kind
 from twinflow.sim.faults import Category, Fault
@@ -357,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             and fa is not None
             and fa <= TARGET_FALSE_ALARMS
         )
-        configs[name] = {"config": _plain(asdict(detector_config)), "result": summary}
+        configs[name] = {"config": plain(asdict(detector_config)), "result": summary}
     return {
         "benchmark": "detection_on_simulator",
         "model": str(args.model),
@@ -373,14 +374,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "configs": configs,
         "elapsed_s": round(time.perf_counter() - began, 1),
     }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, str):
-        return str(value)
-    return value
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchmarks.results import plain
 from twinflow.detection import Aggregate, DetectorConfig, Kind
 from twinflow.replay import ReplayOptions, replay_file
 
@@ -147,6 +148,8 @@ class RunResult:
     """One configuration on one run."""
 
     run: str
+    replayed: Path
+    """The replay's output CSV."""
     counts: Counts
     threshold: float | None
     delay_rows: int | None
@@ -171,6 +174,7 @@ def evaluate(
         results.append(
             RunResult(
                 run=f"{path.parent.name}/{path.name}",
+                replayed=target,
                 counts=score_run(flags, labels),
                 threshold=summary.threshold,
                 delay_rows=first_delay(flags, labels),
@@ -331,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         config = replace(config, seed=args.seed)
         slug = name.replace(" ", "-").replace(",", "")
         results = evaluate(config, files, args.out / "replays" / slug, args.window, args.warmup)
-        configs[name] = {"config": _plain(asdict(config)), **summarize(results)}
+        configs[name] = {"config": plain(asdict(config)), **summarize(results)}
         free = args.data / ANOMALY_FREE
         if free.is_file():
             configs[name]["anomaly_free_flagged"] = false_alarm_share(
@@ -347,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             for path, result in zip(files, results, strict=True):
                 plot_run(
                     path,
-                    args.out / "replays" / slug / path.parent.name / f"{path.stem}.csv",
+                    result.replayed,
                     result.threshold,
                     args.out / "plots" / path.parent.name / f"{path.stem}.png",
                 )
@@ -361,12 +365,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "configs": configs,
         "leaderboard": {k: {"f1": f1, "far": far} for k, (f1, far) in LEADERBOARD.items()},
     }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return str(value) if isinstance(value, str) else value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

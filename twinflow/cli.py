@@ -17,9 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twinflow import smoke
-from twinflow.detection import DetectorConfig
 from twinflow.errors import ConfigError, TwinflowError
-from twinflow.replay import ReplayOptions
 from twinflow.services import manager
 from twinflow.settings import Settings, load_settings
 from twinflow.twin_model import TwinModel, load_twin_model
@@ -332,22 +330,27 @@ def replay(
         typer.Option(help="rows learned from, never flagged (default: the flow's warm-up)"),
     ] = None,
     window: Annotated[
-        int, typer.Option(help="rows per feature window; 1 scores every row")
-    ] = ReplayOptions.window_rows,
-    seed: Annotated[int, typer.Option(help="seed of randomized models")] = DetectorConfig.seed,
+        int | None,
+        typer.Option(help="rows per feature window (default: 1, every row scored on its own)"),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="seed of randomized models (default: the flow's)")
+    ] = None,
 ) -> None:
     """Run the flow's per-entity anomaly detection over a CSV, one output row per input row."""
-    from dataclasses import replace
+    # Imported here, not at the top: the detection models (River) take about a second to
+    # import, which every other command would pay for nothing.
+    from twinflow.detection import DetectorConfig
+    from twinflow.replay import ReplayOptions, replay_file
 
-    from twinflow.replay import replay_file
-
+    given = {"window_rows": window} if window is not None else {}
     options = ReplayOptions(
         time_column=time_column,
         delimiter=delimiter,
         exclude_columns=tuple(c.strip() for c in exclude_columns.split(",") if c.strip()),
         warmup_rows=warmup,
-        window_rows=window,
-        detector=replace(DetectorConfig(), seed=seed),
+        detector=DetectorConfig() if seed is None else DetectorConfig(seed=seed),
+        **given,
     )
     summary = replay_file(input_csv, output, options)
     threshold = "none (the file ended in the warm-up)"
@@ -355,8 +358,8 @@ def replay(
         threshold = f"{summary.threshold:.4g}"
     err.print(
         f"replayed {summary.rows} rows of {len(summary.sensors)} sensors in {summary.windows} "
-        f"windows of {window} row(s); warm-up {summary.warmup_windows} windows; threshold "
-        f"{threshold}; {summary.anomalies} rows flagged -> {output}",
+        f"windows of {options.window_rows} row(s); warm-up {summary.warmup_windows} windows; "
+        f"threshold {threshold}; {summary.anomalies} rows flagged -> {output}",
         highlight=False,
     )
 
