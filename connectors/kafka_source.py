@@ -1,7 +1,7 @@
 """A Bytewax source that reads Kafka partitions in batches: one item per batch.
 
 Bytewax's own KafkaSource emits one item per message, and every item costs a trip
-through each operator. This source emits ``(partition key, [InputMessage, ...])``, so a
+through each operator. This source emits ``(partition key, MessageBatch)``, so a
 list-level step pays that cost once per batch. The partition's next offset is its
 resume state: recovery snapshots it with the step states of the same epoch.
 
@@ -11,7 +11,9 @@ so the step can act on system time (close the windows of silent entities).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -20,9 +22,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from connectors.kafka import client_config
 from twinflow.errors import TwinflowError
 from twinflow.settings import KafkaSettings
-from twinflow.twin import InputMessage
+from twinflow.twin import InputMessage, MessageBatch
 
-Batch = tuple[str, list[InputMessage]]
+Batch = tuple[str, Sequence[InputMessage]]
+log = logging.getLogger("twinflow.source.kafka")
 _IDLE_POLL_S = 0.05
 
 
@@ -90,41 +93,40 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         start = OFFSET_BEGINNING if offset is None else offset
         self._consumer.assign([TopicPartition(source.topic, partition, start)])
         self._next_offset = offset
+        self._reading = False
         self._awake: datetime | None = None
         self._last_emit = time.monotonic()
 
     def next_batch(self) -> list[Batch]:
         messages = self._consumer.consume(num_messages=self._source.batch_size, timeout=0)
-        batch = []
         for message in messages:
             error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
+            if error is not None and error.code() != KafkaError._PARTITION_EOF:
                 raise KafkaSourceError(
                     f"reading {self._source.topic}[{self._partition}] failed: {error}"
                 )
-            offset = message.offset()
-            assert offset is not None  # consumed messages always carry their offset
-            batch.append(
-                InputMessage(
-                    topic=self._source.topic,
-                    partition=self._partition,
-                    offset=offset,
-                    timestamp_ms=message.timestamp()[1],
-                    value=message.value() or b"",
-                )
-            )
+        if any(message.error() is not None for message in messages):
+            messages = [message for message in messages if message.error() is None]
         now = time.monotonic()
-        if batch:
-            self._next_offset = batch[-1].offset + 1
+        if messages:
+            batch = MessageBatch(
+                self._source.topic,
+                self._partition,
+                [message.offset() for message in messages],  # type: ignore[misc]
+                [message.timestamp()[1] for message in messages],
+                [message.value() or b"" for message in messages],
+            )
+            if not self._reading:
+                self._reading = True
+                log.info("%s: first batch from offset %d", self._key, batch.offsets[0])
+            self._next_offset = batch.offsets[-1] + 1
             self._awake = None
             self._last_emit = now
             return [(self._key, batch)]
         self._awake = datetime.now(UTC) + timedelta(seconds=_IDLE_POLL_S)
         if now - self._last_emit >= self._source.tick_s:
             self._last_emit = now
-            return [(self._key, [])]
+            return [(self._key, MessageBatch(self._source.topic, self._partition, [], [], []))]
         return []
 
     def next_awake(self) -> datetime | None:

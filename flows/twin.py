@@ -12,7 +12,7 @@ Step ids are part of the recovery contract: renaming one orphans its snapshots.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -28,7 +28,7 @@ from twinflow.tables import tables as table_specs
 from twinflow.twin import InputMessage, PartitionTwins, StepOutput
 from twinflow.twin_model import TwinModel
 
-Batch = tuple[str, list[InputMessage]]
+Batch = tuple[str, Sequence[InputMessage]]
 
 
 def _wall_ms() -> int:
@@ -52,7 +52,7 @@ def build_flow(
     tables = table_specs(settings.questdb.table_prefix)
 
     def step(
-        state: PartitionTwins | None, messages: list[InputMessage]
+        state: PartitionTwins | None, messages: Sequence[InputMessage]
     ) -> tuple[PartitionTwins, StepOutput]:
         twins = state or PartitionTwins(model, settings.flow, config)
         return twins, twins.step(messages, clock())

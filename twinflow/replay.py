@@ -2,8 +2,8 @@ r"""Offline replay: the flow's per-entity detection over a CSV, one output row p
 
 Each CSV row is one sampling instant of one entity; every column except the time column
 and the excluded ones is a sensor. Rows go, in file order, through the same code the twin
-flow runs for an entity once its readings are clean: :class:`~twinflow.windows.EntityWindows`
-(tumbling windows of ``window_rows`` rows) and
+flow runs for an entity once its readings are clean: the window features of
+:func:`~twinflow.windows.window_features` (tumbling windows of ``window_rows`` rows) and
 :meth:`~twinflow.detection.EntityDetector.process_window` of one detector with the flow's
 defaults. A window's score and verdict go to each of its rows. Time is the row's
 position (window ``k`` holds rows ``k·w .. k·w + w - 1``), so the time column is copied,
@@ -35,9 +35,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
 from twinflow.detection import DetectorConfig, EntityDetector
 from twinflow.errors import TwinflowError
-from twinflow.windows import EntityWindows
+from twinflow.windows import WindowReadings, window_features
 
 OUTPUT_COLUMNS = ("timestamp", "score", "is_anomaly")
 MISSING = frozenset({"", "nan", "na", "null", "none"})
@@ -181,14 +183,24 @@ def replay_rows(
     reader = csv.reader(_chain(first, iterator), delimiter=delimiter)
     layout = _layout(next(reader), options, source)
     detector = EntityDetector(config)
-    windows = EntityWindows("replay", length_ms=options.window_rows * _ROW_MS, lateness_ms=0)
+    sensors = [name for _, name in layout.sensors]
+    length_ms = options.window_rows * _ROW_MS
+    window: tuple[list[int], list[int], list[float]] = ([], [], [])
     pending: list[str] = []
     rows = window_count = anomalies = 0
 
     def close() -> Iterator[ReplayRow]:
         nonlocal window_count, anomalies
-        closed = windows.close_due(idle=True)
-        by_sensor = closed[0][1] if closed else {}
+        series, ts, values = (np.asarray(column) for column in window)
+        closed = WindowReadings(
+            series.astype(np.int64),
+            ts.astype(np.int64) - ts.astype(np.int64) % length_ms,
+            ts.astype(np.int64),
+            values.astype(np.float64),
+            np.zeros(len(ts), dtype=np.int64),
+        )
+        parts = window_features(closed, length_ms, ["replay"] * len(sensors), sensors)
+        by_sensor = {sensors[p.series]: p.features for p in parts if p.features is not None}
         score, threshold, flagged = math.nan, detector.threshold, False
         if by_sensor:
             detection = detector.process_window(by_sensor)
@@ -198,6 +210,8 @@ def replay_rows(
         for timestamp in pending:
             yield ReplayRow(timestamp, score, threshold, flagged)
         pending.clear()
+        for column in window:
+            column.clear()
 
     for cells in reader:
         line = reader.line_num
@@ -208,10 +222,12 @@ def replay_rows(
                 f"{source}: line {line} has {len(cells)} fields, the header has {layout.width}"
             )
         ts_ms = rows * _ROW_MS
-        for index, name in layout.sensors:
+        for series, (index, name) in enumerate(layout.sensors):
             value = _value(cells[index], line, name, source)
             if value is not None:
-                windows.add(name, ts_ms, value, 0)
+                window[0].append(series)
+                window[1].append(ts_ms)
+                window[2].append(value)
         pending.append(cells[layout.time_index])
         rows += 1
         if rows % options.window_rows == 0:

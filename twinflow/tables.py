@@ -98,7 +98,8 @@ DEADLETTERS = TableSpec(
         ("payload_excerpt", "VARCHAR"),
     ),
     timestamp="ts",
-    dedup_keys=("ts", "source", "kafka_offset", "payload_sha256"),
+    # One message can have several bad readings, each its own letter: detail tells them apart.
+    dedup_keys=("ts", "source", "kafka_offset", "payload_sha256", "detail"),
 )
 
 

@@ -1,10 +1,12 @@
-"""Event-time tumbling windows of one entity, aligned to the epoch.
+"""Event-time tumbling windows, aligned to the epoch, for all series of a partition.
 
-A window ``[start, start + length)`` closes when the entity's watermark — its newest
-event time minus the allowed lateness — passes the window's end. An entity that goes
-silent (no reading for ``idle_close`` of system time) has all its open windows closed,
-so its last window is not held open forever. A reading whose window already closed is
-late: it is handed back to the caller (for ``twin.late``), never dropped silently.
+A series is one entity's sensor. :class:`OpenWindows` keeps the accepted readings of
+every open window column by column; the caller decides when a window closes (when its
+entity's watermark passes the window's end, or when the entity goes silent) and pops
+the closed readings, and :func:`window_features` turns them into one
+:class:`SensorWindow` per series and window. Features are computed from the readings
+themselves when the window closes, never from running sums, so they are the same
+whichever batches the readings arrived in.
 """
 
 from __future__ import annotations
@@ -12,97 +14,201 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from schemas.outputs import Flag, SensorWindow
 
+Int64s = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float64]
+_TS_BITS = 43
+"""Epoch milliseconds below 2**43 reach the year 2248 (the raw contract stops at 2200)."""
+
+
+def _empty_ints() -> Int64s:
+    return np.empty(0, dtype=np.int64)
+
+
+def series_keys(series: Int64s, ts_ms: Int64s) -> Int64s:
+    """One int64 per (series, timestamp): a reading's identity within a partition."""
+    return (series << _TS_BITS) | ts_ms
+
 
 @dataclass
-class _Buffer:
-    ts: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-    flags: list[int] = field(default_factory=list)
+class WindowReadings:
+    """Readings of windows, column by column."""
+
+    series: Int64s = field(default_factory=_empty_ints)
+    start_ms: Int64s = field(default_factory=_empty_ints)
+    ts_ms: Int64s = field(default_factory=_empty_ints)
+    value: Floats = field(default_factory=lambda: np.empty(0, dtype=np.float64))
+    flags: Int64s = field(default_factory=_empty_ints)
+
+    def __len__(self) -> int:
+        return len(self.ts_ms)
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> WindowReadings:
+        """The readings where ``mask`` holds."""
+        return WindowReadings(
+            self.series[mask],
+            self.start_ms[mask],
+            self.ts_ms[mask],
+            self.value[mask],
+            self.flags[mask],
+        )
 
 
 @dataclass
-class EntityWindows:
-    """Open windows of one entity and its watermark."""
+class OpenWindows:
+    """The accepted readings of every open window of a partition."""
 
-    entity_id: str
     length_ms: int
-    lateness_ms: int
-    newest_ms: int = -1
-    closed_until_ms: int = -1
-    """Every window ending at or before this has closed."""
-    open: dict[int, dict[str, _Buffer]] = field(default_factory=dict)
+    readings: WindowReadings = field(default_factory=WindowReadings)
 
-    def add(self, sensor: str, ts_ms: int, value: float, flags: int) -> bool:
-        """Put a reading in its window; False if that window already closed (late)."""
-        start = ts_ms - ts_ms % self.length_ms
-        if start + self.length_ms <= self.closed_until_ms:
-            return False
-        buffer = self.open.setdefault(start, {}).setdefault(sensor, _Buffer())
-        buffer.ts.append(ts_ms)
-        buffer.values.append(value)
-        buffer.flags.append(flags)
-        self.newest_ms = max(self.newest_ms, ts_ms)
-        return True
+    def start_of(self, ts_ms: Int64s) -> Int64s:
+        """The start of the window each timestamp falls in."""
+        return ts_ms - ts_ms % self.length_ms
 
-    @property
-    def watermark_ms(self) -> int:
-        """Event time before which no more readings are expected."""
-        return self.newest_ms - self.lateness_ms
+    def add(self, series: Int64s, ts_ms: Int64s, value: Floats, flags: Int64s) -> None:
+        """Keep accepted readings until their windows close."""
+        if not len(ts_ms):
+            return
+        held = self.readings
+        self.readings = WindowReadings(
+            np.concatenate([held.series, series]),
+            np.concatenate([held.start_ms, self.start_of(ts_ms)]),
+            np.concatenate([held.ts_ms, ts_ms]),
+            np.concatenate([held.value, value]),
+            np.concatenate([held.flags, flags]),
+        )
 
-    def close_due(self, idle: bool = False) -> list[tuple[int, dict[str, SensorWindow]]]:
-        """Close the windows the watermark passed (all open ones when ``idle``).
+    def holds(self, keys: Int64s) -> npt.NDArray[np.bool_]:
+        """Which of these :func:`series_keys` an open window already holds."""
+        held = self.readings
+        if not len(held) or not len(keys):
+            return np.zeros(len(keys), dtype=bool)
+        return np.isin(keys, series_keys(held.series, held.ts_ms))
 
-        Returns ``(window start, features by sensor)`` in time order.
-        """
-        if not self.open:
-            return []
-        limit = max(self.open) + self.length_ms if idle else self.watermark_ms
-        if min(self.open) + self.length_ms > limit:
-            return []  # the common case, checked without sorting
-        closed = []
-        for start in sorted(self.open):
-            end = start + self.length_ms
-            if end > limit:
-                break
-            buffers = self.open.pop(start)
-            closed.append((start, features(self.entity_id, start, end, buffers)))
-            self.closed_until_ms = max(self.closed_until_ms, end)
-        return closed
+    def pop_closed(self, limit_by_series: Int64s) -> WindowReadings:
+        """Remove and return the readings of windows ending at or before their limit."""
+        held = self.readings
+        if not len(held):
+            return held
+        closing = held.start_ms + self.length_ms <= limit_by_series[held.series]
+        if not closing.any():
+            return WindowReadings()
+        self.readings = held.select(~closing)
+        return held.select(closing)
+
+    def starts(self, series: Int64s) -> list[int]:
+        """Starts of the open windows holding readings of these series."""
+        held = self.readings
+        return sorted(set(held.start_ms[np.isin(held.series, series)].tolist()))
 
 
-def features(
-    entity_id: str, start_ms: int, end_ms: int, buffers: dict[str, _Buffer]
-) -> dict[str, SensorWindow]:
-    """Per-sensor features of one window; spikes are left out, other flags counted."""
-    result = {}
-    for sensor, buffer in buffers.items():
-        flags = np.asarray(buffer.flags, dtype=np.int64)
-        keep = (flags & Flag.SPIKE) == 0
-        if not keep.any():
-            continue
-        order = np.argsort(np.asarray(buffer.ts, dtype=np.int64)[keep], kind="stable")
-        ts = np.asarray(buffer.ts, dtype=np.int64)[keep][order]
-        values = np.asarray(buffer.values, dtype=np.float64)[keep][order]
-        slope = 0.0
-        if len(values) >= 2 and ts[-1] > ts[0]:
-            seconds = (ts - ts[0]) / 1000.0
-            centred = seconds - seconds.mean()
-            slope = float((centred * (values - values.mean())).sum() / (centred**2).sum())
-        result[sensor] = SensorWindow(
-            entity_id=entity_id,
-            sensor=sensor,
-            window_start_ms=start_ms,
-            window_end_ms=end_ms,
-            count=len(values),
-            mean=float(values.mean()),
-            min=float(values.min()),
-            max=float(values.max()),
-            std=float(values.std()),
-            last=float(values[-1]),
-            slope=slope,
-            flagged=int((flags != 0).sum()),
+@dataclass(frozen=True)
+class ClosedSeriesWindow:
+    """One series' part of a closed window: its features and its newest reading."""
+
+    series: int
+    start_ms: int
+    features: SensorWindow | None
+    """None when every reading of the window was a spike."""
+    newest_ts_ms: int
+    newest_value: float
+    newest_flags: int
+
+
+def window_features(
+    closed: WindowReadings,
+    length_ms: int,
+    entity_of_series: list[str],
+    sensor_of_series: list[str],
+) -> list[ClosedSeriesWindow]:
+    """Features of every (series, window) in ``closed``, ordered by series then start.
+
+    Spikes are left out of the features and counted among the flagged readings.
+    """
+    if not len(closed):
+        return []
+    order = np.lexsort((closed.ts_ms, closed.start_ms, closed.series))
+    series, start = closed.series[order], closed.start_ms[order]
+    ts, value, flags = closed.ts_ms[order], closed.value[order], closed.flags[order]
+    new_group = np.ones(len(ts), dtype=bool)
+    new_group[1:] = (series[1:] != series[:-1]) | (start[1:] != start[:-1])
+    firsts = np.flatnonzero(new_group)
+    lasts = np.append(firsts[1:], len(ts)) - 1
+    flagged = np.add.reduceat((flags != 0).astype(np.int64), firsts)
+    group_of = np.cumsum(new_group) - 1
+
+    keep = (flags & Flag.SPIKE) == 0
+    kept_group = group_of[keep]
+    k_ts, k_value = ts[keep], value[keep]
+    stats = _group_stats(kept_group, k_ts, k_value, len(firsts))
+
+    result = []
+    for g, (first, last) in enumerate(zip(firsts.tolist(), lasts.tolist(), strict=True)):
+        code = int(series[first])
+        window_start = int(start[first])
+        features = None
+        if stats.count[g]:
+            features = SensorWindow(
+                entity_id=entity_of_series[code],
+                sensor=sensor_of_series[code],
+                window_start_ms=window_start,
+                window_end_ms=window_start + length_ms,
+                count=int(stats.count[g]),
+                mean=float(stats.mean[g]),
+                min=float(stats.min[g]),
+                max=float(stats.max[g]),
+                std=float(stats.std[g]),
+                last=float(stats.last[g]),
+                slope=float(stats.slope[g]),
+                flagged=int(flagged[g]),
+            )
+        result.append(
+            ClosedSeriesWindow(
+                code, window_start, features, int(ts[last]), float(value[last]), int(flags[last])
+            )
         )
     return result
+
+
+@dataclass
+class _Stats:
+    count: Int64s
+    mean: Floats
+    min: Floats
+    max: Floats
+    std: Floats
+    last: Floats
+    slope: Floats
+
+
+def _group_stats(group: Int64s, ts: Int64s, value: Floats, groups: int) -> _Stats:
+    """Per-group statistics of values sorted by (group, ts); empty groups get count 0."""
+    count = np.bincount(group, minlength=groups).astype(np.int64)
+    nan = np.full(groups, np.nan)
+    stats = _Stats(
+        count, nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy(), np.zeros(groups)
+    )
+    if not len(value):
+        return stats
+    present = np.flatnonzero(count)
+    firsts = np.searchsorted(group, present)
+    lasts = np.append(firsts[1:], len(group)) - 1
+    n = count[present].astype(np.float64)
+    mean = np.add.reduceat(value, firsts) / n
+    centred = value - np.repeat(mean, count[present])
+    seconds = (ts - np.repeat(ts[firsts], count[present])) / 1000.0
+    mean_s = np.add.reduceat(seconds, firsts) / n
+    centred_s = seconds - np.repeat(mean_s, count[present])
+    sxx = np.add.reduceat(centred_s * centred_s, firsts)
+    sxy = np.add.reduceat(centred_s * centred, firsts)
+    sloped = (count[present] >= 2) & (ts[lasts] > ts[firsts])
+    stats.mean[present] = mean
+    stats.min[present] = np.minimum.reduceat(value, firsts)
+    stats.max[present] = np.maximum.reduceat(value, firsts)
+    stats.std[present] = np.sqrt(np.add.reduceat(centred * centred, firsts) / n)
+    stats.last[present] = value[lasts]
+    stats.slope[present] = np.where(sloped, sxy / np.where(sloped, sxx, 1.0), 0.0)
+    return stats

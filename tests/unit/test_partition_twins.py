@@ -55,4 +55,4 @@ def test_a_restored_partition_does_not_take_the_restart_for_silence() -> None:
     restored = pickle.loads(pickle.dumps(twins))
     # Hours later by the clock: a restore, not hours of silence.
     assert restored.step([], 10_000_000).states == []
-    assert restored.entities["pump-001"].windows.open
+    assert restored.open_window_starts("pump-001")
