@@ -105,9 +105,12 @@ def decode_raw(payload: bytes) -> RawMessage:
         raise SchemaError(Reason.BAD_FORM, "the single form needs both sensor and value")
     if message.values is not None and not message.values:
         raise SchemaError(Reason.BAD_FORM, "values is empty")
-    for sensor, value, _unit in message.readings():
-        if not math.isfinite(value):
-            raise SchemaError(Reason.NON_FINITE, f"{sensor} is {value}")
+    if message.values is not None:
+        for sensor, value in message.values.items():
+            if not math.isfinite(value):
+                raise SchemaError(Reason.NON_FINITE, f"{sensor} is {value}")
+    elif not math.isfinite(message.value):  # type: ignore[arg-type]
+        raise SchemaError(Reason.NON_FINITE, f"{message.sensor} is {message.value}")
     if isinstance(message.ts, datetime):
         if message.ts.tzinfo is None:
             raise SchemaError(Reason.BAD_TIMESTAMP, "RFC 3339 timestamp needs an offset (Z)")

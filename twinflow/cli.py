@@ -364,6 +364,75 @@ def replay(
     )
 
 
+@app.command()
+def bench(
+    readings: Annotated[
+        int, typer.Option(help="readings in the workload (late ones on top)")
+    ] = 2_000_000,
+    entities: Annotated[int, typer.Option(help="machines in the workload")] = 1000,
+    sensors: Annotated[int, typer.Option(help="sensors per machine (1-8)")] = 6,
+    partitions: Annotated[int, typer.Option(help="partitions of the raw topic")] = 4,
+    single: Annotated[
+        bool, typer.Option("--single", help="one reading per message instead of batched")
+    ] = False,
+    bad_share: Annotated[
+        float, typer.Option(help="share of malformed messages and of out-of-range readings")
+    ] = 0.001,
+    late_share: Annotated[float, typer.Option(help="share of readings re-sent late")] = 0.001,
+    seed: Annotated[int, typer.Option(help="same seed, same workload")] = 1,
+    variants: Annotated[
+        str | None, typer.Option(help="comma-separated variant names (default: all)")
+    ] = None,
+    latency_rate: Annotated[float, typer.Option(help="readings/s of the latency runs")] = 3000.0,
+    latency_seconds: Annotated[float, typer.Option(help="length of each latency run")] = 10.0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="report folder")] = None,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="a tiny workload: checks the harness, not the speed")
+    ] = False,
+) -> None:
+    """Measure twinflow against its peers and the raw Kafka and QuestDB limits."""
+    from benchmarks.throughput import VARIANTS, BenchOptions, run_bench
+    from benchmarks.workload import WorkloadConfig
+
+    if smoke:
+        readings, entities, partitions, latency_seconds = 12_000, 20, 2, 2.0
+        latency_rate = min(latency_rate, 600.0)
+        # Enough bad and late readings in a small workload for the checks to bite.
+        bad_share, late_share = max(bad_share, 0.01), max(late_share, 0.01)
+    try:
+        workload = WorkloadConfig(
+            entities=entities,
+            sensors=sensors,
+            readings=readings,
+            batched=not single,
+            malformed_share=bad_share,
+            out_of_range_share=bad_share,
+            late_share=late_share,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bench workload: {exc}") from None
+    names = (
+        tuple(v.strip() for v in variants.split(","))
+        if variants
+        else tuple(v.name for v in VARIANTS)
+    )
+    options = BenchOptions(
+        workload=workload,
+        partitions=partitions,
+        variants=names,
+        latency_rate=latency_rate,
+        latency_seconds=latency_seconds,
+        out=out_dir,
+    )
+    try:
+        report = run_bench(_settings(), options, _progress)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out.print(report.read_text())
+    _progress(f"report: {report} (+ .json, .png)")
+
+
 def _status_dict(row: manager.ServiceStatus) -> dict[str, object]:
     return {
         "name": row.name,

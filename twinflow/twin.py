@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, overload
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -256,10 +255,14 @@ class _Decoded:
     msg_ts: Int64s
     dead_letters: Int64s
     """Dead letters per message that count against its entity."""
-    msg: list[int] = field(default_factory=list)
+    msg_readings: Int64s
+    """Readings per message that passed decoding."""
+    msg_flags: Int64s
+    """Flags every reading of the message gets (SOURCE_BAD)."""
     series: list[int] = field(default_factory=list)
     value: list[float] = field(default_factory=list)
-    extra_flags: list[int] = field(default_factory=list)
+    converted: list[int] = field(default_factory=list)
+    """Readings (by position) given in another unit than the canonical one."""
 
 
 class PartitionTwins:
@@ -325,6 +328,8 @@ class PartitionTwins:
             np.full(n, -1, dtype=np.int64),
             np.zeros(n, dtype=np.int64),
             np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=np.int64),
         )
         max_future_ms = self.flow.max_future_s * 1000
         max_age_ms = self.flow.max_age_s * 1000
@@ -358,14 +363,14 @@ class PartitionTwins:
                 continue
             decoded.msg_entity[i] = twin.index
             decoded.msg_ts[i] = ts_ms
-            extra = Flag.SOURCE_BAD if raw.quality in _BAD_QUALITY else 0
+            if raw.quality in _BAD_QUALITY:
+                decoded.msg_flags[i] = Flag.SOURCE_BAD
             values = raw.values if raw.values is not None else {raw.sensor: raw.value}
             codes = [twin.series.get(sensor, -1) for sensor in values]  # type: ignore[arg-type]
             if raw.unit is None and raw.units is None and -1 not in codes:
-                decoded.msg.extend([i] * len(codes))
+                decoded.msg_readings[i] = len(codes)
                 decoded.series.extend(codes)
                 decoded.value.extend(values.values())  # type: ignore[arg-type]
-                decoded.extra_flags.extend([extra] * len(codes))
                 continue
             for sensor, value, unit in raw.readings():
                 code = twin.series.get(sensor)
@@ -385,11 +390,11 @@ class PartitionTwins:
                         )
                     )
                     continue
-                converted = Flag.CONVERTED if unit is not None and unit != spec.unit else 0
-                decoded.msg.append(i)
+                if unit is not None and unit != spec.unit:
+                    decoded.converted.append(len(decoded.series))
+                decoded.msg_readings[i] += 1
                 decoded.series.append(code)
                 decoded.value.append(conversion.to_canonical(value))
-                decoded.extra_flags.append(extra | converted)
         return decoded
 
     # -- per batch ---------------------------------------------------------------------
@@ -398,10 +403,11 @@ class PartitionTwins:
         self, messages: Sequence[InputMessage], decoded: _Decoded, out: StepOutput
     ) -> None:
         series_cols = self._series
-        msg = np.asarray(decoded.msg, dtype=np.int64)
+        msg = np.repeat(np.arange(decoded.messages, dtype=np.int64), decoded.msg_readings)
         series = np.asarray(decoded.series, dtype=np.int64)
         value = np.asarray(decoded.value, dtype=np.float64)
-        extra = np.asarray(decoded.extra_flags, dtype=np.int64)
+        extra = decoded.msg_flags[msg]
+        extra[decoded.converted] |= Flag.CONVERTED
         ts = decoded.msg_ts[msg]
 
         low, high = series_cols.column("low")[series], series_cols.column("high")[series]
@@ -467,7 +473,7 @@ class PartitionTwins:
         is_late = late[clean]
         clean_index = np.flatnonzero(clean)
         for r in clean_index[is_late].tolist():
-            self._late(messages[decoded.msg[r]], decoded, r, newest_before, out)
+            self._late(messages[msg[r]], decoded, int(msg[r]), r, newest_before, out)
         accepted = ~is_late
         self._windows.add(
             series[clean][accepted], ts[clean][accepted], value[clean][accepted], flags[accepted]
@@ -513,11 +519,11 @@ class PartitionTwins:
         self,
         message: InputMessage,
         decoded: _Decoded,
+        i: int,
         index: int,
         newest_before: Int64s,
         out: StepOutput,
     ) -> None:
-        i = decoded.msg[index]
         code = decoded.series[index]
         entity_id = self._series.entity_id[code]
         sensor = self._series.sensor[code]
@@ -570,6 +576,7 @@ class PartitionTwins:
     ) -> None:
         end = start + self._windows.length_ms
         cols = self._series
+        windows: dict[str, SensorWindow] = {}
         for part in sorted(parts, key=lambda p: cols.sensor[p.series]):
             sensor = cols.sensor[part.series]
             latest = twin.sensors.get(sensor)
@@ -580,11 +587,8 @@ class PartitionTwins:
                     part.newest_flags,
                     cols.specs[part.series].unit,
                 )
-        windows = {
-            cols.sensor[p.series]: p.features
-            for p in sorted(parts, key=lambda p: cols.sensor[p.series])
-            if p.features is not None
-        }
+            if part.features is not None:
+                windows[sensor] = part.features
         twin.counts.update({k: counts[k] for k in _MESSAGE_COUNTS})
         if not windows:
             return
@@ -661,7 +665,7 @@ class PartitionTwins:
             threshold=twin.last_threshold,
             sensors=dict(sorted(twin.sensors.items())),
             derived={name: metric.evaluate(latest) for name, metric in derived.items()},
-            counts=msgspec.convert(twin.counts, Counts),
+            counts=Counts(**twin.counts),
         )
 
 

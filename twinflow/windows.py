@@ -145,31 +145,55 @@ def window_features(
     k_ts, k_value = ts[keep], value[keep]
     stats = _group_stats(kept_group, k_ts, k_value, len(firsts))
 
+    # Plain Python values in bulk: reading numpy scalars one by one costs more than
+    # everything above.
+    columns = zip(
+        series[firsts].tolist(),
+        start[firsts].tolist(),
+        stats.count.tolist(),
+        stats.mean.tolist(),
+        stats.min.tolist(),
+        stats.max.tolist(),
+        stats.std.tolist(),
+        stats.last.tolist(),
+        stats.slope.tolist(),
+        flagged.tolist(),
+        ts[lasts].tolist(),
+        value[lasts].tolist(),
+        flags[lasts].tolist(),
+        strict=True,
+    )
     result = []
-    for g, (first, last) in enumerate(zip(firsts.tolist(), lasts.tolist(), strict=True)):
-        code = int(series[first])
-        window_start = int(start[first])
+    for (
+        code,
+        window_start,
+        count,
+        mean,
+        low,
+        high,
+        std,
+        last,
+        slope,
+        flagged_count,
+        *newest,
+    ) in columns:
         features = None
-        if stats.count[g]:
+        if count:
             features = SensorWindow(
-                entity_id=entity_of_series[code],
-                sensor=sensor_of_series[code],
-                window_start_ms=window_start,
-                window_end_ms=window_start + length_ms,
-                count=int(stats.count[g]),
-                mean=float(stats.mean[g]),
-                min=float(stats.min[g]),
-                max=float(stats.max[g]),
-                std=float(stats.std[g]),
-                last=float(stats.last[g]),
-                slope=float(stats.slope[g]),
-                flagged=int(flagged[g]),
+                entity_of_series[code],
+                sensor_of_series[code],
+                window_start,
+                window_start + length_ms,
+                count,
+                mean,
+                low,
+                high,
+                std,
+                last,
+                slope,
+                flagged_count,
             )
-        result.append(
-            ClosedSeriesWindow(
-                code, window_start, features, int(ts[last]), float(value[last]), int(flags[last])
-            )
-        )
+        result.append(ClosedSeriesWindow(code, window_start, features, *newest))
     return result
 
 
