@@ -389,6 +389,9 @@ def bench(
     smoke: Annotated[
         bool, typer.Option("--smoke", help="a tiny workload: checks the harness, not the speed")
     ] = False,
+    profile: Annotated[
+        bool, typer.Option(help="profile twinflow (py-spy) when it misses 100,000 readings/s")
+    ] = True,
 ) -> None:
     """Measure twinflow against its peers and the raw Kafka and QuestDB limits."""
     from benchmarks.throughput import VARIANTS, BenchOptions, run_bench
@@ -396,9 +399,10 @@ def bench(
 
     if smoke:
         readings, entities, partitions, latency_seconds = 12_000, 20, 2, 2.0
-        latency_rate = min(latency_rate, 600.0)
+        latency_rate = min(latency_rate, 300.0)
         # Enough bad and late readings in a small workload for the checks to bite.
         bad_share, late_share = max(bad_share, 0.01), max(late_share, 0.01)
+        profile = False
     try:
         workload = WorkloadConfig(
             entities=entities,
@@ -424,6 +428,7 @@ def bench(
         latency_rate=latency_rate,
         latency_seconds=latency_seconds,
         out=out_dir,
+        profile=profile,
     )
     try:
         report = run_bench(_settings(), options, _progress)

@@ -251,7 +251,7 @@ class _Decoded:
 
     messages: int
     msg_entity: Int64s
-    """Entity index per message; -1 when the message was rejected whole."""
+    """Entity index per message; -1 when it names no known entity."""
     msg_ts: Int64s
     dead_letters: Int64s
     """Dead letters per message that count against its entity."""
@@ -351,6 +351,8 @@ class PartitionTwins:
                 continue
             twin = self._twin(entity.id, entity.type)
             twin.last_seen_wall_ms = now_ms
+            # Set before the time checks: a rejected message still counts for its entity.
+            decoded.msg_entity[i] = twin.index
             ts_ms = raw.ts_ms
             reason = None
             if ts_ms > kafka_ms + max_future_ms:
@@ -361,7 +363,6 @@ class PartitionTwins:
                 decoded.dead_letters[i] += 1
                 out.dead_letters.append(batch[i].dead_letter(reason, f"ts {ts_ms} ms", entity.id))
                 continue
-            decoded.msg_entity[i] = twin.index
             decoded.msg_ts[i] = ts_ms
             if raw.quality in _BAD_QUALITY:
                 decoded.msg_flags[i] = Flag.SOURCE_BAD

@@ -56,3 +56,42 @@ def test_a_restored_partition_does_not_take_the_restart_for_silence() -> None:
     # Hours later by the clock: a restore, not hours of silence.
     assert restored.step([], 10_000_000).states == []
     assert restored.open_window_starts("pump-001")
+
+
+def _batched(offset: int, ts_ms: int, kafka_ms: int | None = None, **values: float) -> InputMessage:
+    body = {"entity_id": "pump-001", "ts": ts_ms, "values": values}
+    return InputMessage(
+        "twin.raw", 0, offset, ts_ms if kafka_ms is None else kafka_ms, msgspec.json.encode(body)
+    )
+
+
+def test_every_reading_is_kept_or_accounted_for_in_the_entity_counts() -> None:
+    twins = PartitionTwins(MODEL, load_settings().flow, DetectorConfig())
+    messages = [
+        # flow's range is [0, 400] and bearing_temp's [-20, 150]: the edges are readings.
+        _batched(0, START, flow=0.0, bearing_temp=150.0),
+        _batched(1, START + 1000, flow=400.5, bearing_temp=50.0),
+        _batched(2, START + 400_000, kafka_ms=START + 2000, flow=1.0),
+        _batched(3, START, flow=0.0, bearing_temp=150.0),
+        *[_batched(4 + i, START + 2000 + i * 1000, flow=10.0 + i) for i in range(20)],
+        _batched(24, START + 500, flow=3.0),
+    ]
+    out = twins.step(messages, 1_000)
+    assert [(r.reason.value, r.source.offset) for r in out.dead_letters] == [
+        ("ts_in_future", 2),
+        ("out_of_range", 1),
+    ]
+    assert len(out.readings) == 2 + 1 + 20 + 1
+    assert [(late.sensor, late.ts_ms) for late in out.late] == [("flow", START + 500)]
+    counts = twins.entities["pump-001"].counts
+    assert {k: counts[k] for k in ("readings", "duplicates", "late", "dead_letters")} == {
+        "readings": 24,
+        "duplicates": 2,
+        "late": 1,
+        "dead_letters": 2,
+    }
+    first_state = out.states[0]
+    assert first_state.ts_ms == START + 10_000
+    # The state at a window's end holds each sensor's newest reading before that end.
+    assert first_state.sensors["flow"].ts_ms == START + 9000
+    assert first_state.sensors["bearing_temp"].value == 50.0

@@ -1,0 +1,215 @@
+"""The throughput benchmark's workload: a seeded plant of identical machines.
+
+``entities`` machines with ``sensors`` sensors each report once a second. Values are
+bounded random walks (the detectors see plausible signals, not white noise). On top:
+
+- a share of messages is **malformed** (truncated JSON): every reading in it is lost
+  to a dead letter;
+- a share of readings is **out of range** (ten times the upper bound): each becomes a
+  dead letter, the other readings of its message are fine;
+- a share of readings is **late**: re-sent as single messages, half a second off the
+  ticks (so their identity is unique) and far enough behind their entity's newest
+  reading that its window has closed.
+
+The generator knows exactly what a correct consumer must produce (valid readings,
+dead letters, windows closed by the data itself), so the harness can refuse a fast
+wrong result. Everything here is pure: :func:`messages` yields payloads, the
+harness produces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+SENSORS: tuple[tuple[str, str, float, float], ...] = (
+    ("flow", "m3/h", 0.0, 400.0),
+    ("pressure", "bar", 0.0, 25.0),
+    ("current", "A", 0.0, 250.0),
+    ("vibration", "mm/s", 0.0, 50.0),
+    ("temperature", "degC", -20.0, 150.0),
+    ("speed", "rpm", 0.0, 4000.0),
+    ("voltage", "V", 0.0, 500.0),
+    ("power", "kW", 0.0, 400.0),
+)
+"""Sensor name, unit, valid range; a workload uses the first ``sensors`` of them."""
+
+ASSET_TYPE = "machine"
+_TICK_MS = 1000
+_LATE_BEHIND_MS = 30_000
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What to generate."""
+
+    entities: int = 1000
+    sensors: int = 6
+    readings: int = 2_000_000
+    """Readings on time; late ones come on top."""
+    batched: bool = True
+    """One message per entity and tick (gateway style), else one per reading."""
+    malformed_share: float = 0.001
+    out_of_range_share: float = 0.001
+    late_share: float = 0.001
+    seed: int = 1
+    window_s: float = 10.0
+    lateness_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sensors <= len(SENSORS):
+            raise ValueError(f"sensors must be 1..{len(SENSORS)}, not {self.sensors}")
+        if self.entities < 1 or self.readings < self.entities * self.sensors:
+            raise ValueError("need at least one tick: readings >= entities * sensors")
+        if (self.window_s + self.lateness_s) * 1000 >= _LATE_BEHIND_MS:
+            raise ValueError("late readings must fall behind a closed window")
+
+    @property
+    def ticks(self) -> int:
+        """Seconds of plant time."""
+        return self.readings // (self.entities * self.sensors)
+
+    @property
+    def sensor_names(self) -> list[str]:
+        """The sensors every entity has."""
+        return [name for name, *_ in SENSORS[: self.sensors]]
+
+    def entity_ids(self) -> list[str]:
+        """Entity ids: ``m0000``, ``m0001`` and so on."""
+        return [f"m{index:04d}" for index in range(self.entities)]
+
+
+@dataclass
+class Expected:
+    """What a correct consumer of the workload produces."""
+
+    messages: int = 0
+    readings: int = 0
+    """Every reading sent, valid or not."""
+    valid_readings: int = 0
+    """Rows of ``readings``: valid ones, late ones included."""
+    late_readings: int = 0
+    dead_letter_readings: int = 0
+    malformed_messages: int = 0
+    out_of_range_readings: int = 0
+    closed_windows: int = 0
+    """(entity, sensor, window) rows the data's own watermark closes."""
+    all_windows: int = 0
+    """... plus the last windows, which only idleness closes."""
+    first_ts_ms: int = 0
+    last_ts_ms: int = 0
+    per_partition: dict[int, int] = field(default_factory=dict)
+
+
+def twin_model(config: WorkloadConfig) -> dict[str, object]:
+    """The twin model of the workload's plant, as YAML-ready data."""
+    sensors = {
+        name: {
+            "unit": unit,
+            "range": [low, high],
+            # Generous: the benchmark measures throughput, not the cleaning rules.
+            "max_rate": high - low,
+            "stuck_after_s": 600,
+        }
+        for name, unit, low, high in SENSORS[: config.sensors]
+    }
+    return {
+        "version": 1,
+        "asset_types": {ASSET_TYPE: {"description": "benchmark machine", "sensors": sensors}},
+        "entities": [
+            {"id": entity, "type": ASSET_TYPE, "site": "bench", "line": f"line-{i % 10}"}
+            for i, entity in enumerate(config.entity_ids())
+        ],
+    }
+
+
+def sensor_ranges(config: WorkloadConfig) -> dict[str, tuple[float, float]]:
+    """Valid range per sensor."""
+    return {name: (low, high) for name, _unit, low, high in SENSORS[: config.sensors]}
+
+
+def messages(
+    config: WorkloadConfig, start_ms: int, expected: Expected
+) -> Iterator[tuple[str, bytes]]:
+    """``(entity id, payload)`` in produce order; fills ``expected`` as it goes.
+
+    ``start_ms`` must be a multiple of the window length's milliseconds so that the
+    window counts below hold.
+    """
+    rng = np.random.default_rng(config.seed)
+    entities = config.entity_ids()
+    names = config.sensor_names
+    ranges = np.array([(low, high) for _n, _u, low, high in SENSORS[: config.sensors]])
+    low, high = ranges[:, 0], ranges[:, 1]
+    span = high - low
+    level = low + span * rng.uniform(0.3, 0.7, size=(config.entities, config.sensors))
+    encode = msgspec.json.encode
+    window_ms = int(config.window_s * 1000)
+    expected.first_ts_ms = start_ms
+    for tick in range(config.ticks):
+        ts = start_ms + tick * _TICK_MS
+        level += rng.normal(0.0, 0.002, size=level.shape) * span
+        np.clip(level, low + 0.1 * span, high - 0.1 * span, out=level)
+        values = level + rng.normal(0.0, 0.005, size=level.shape) * span
+        out_of_range = rng.random(values.shape) < config.out_of_range_share
+        values[out_of_range] = high[np.nonzero(out_of_range)[1]] * 10 + 1
+        malformed = rng.random(config.entities) < config.malformed_share
+        late = rng.random(values.shape) < config.late_share
+        rounded = np.round(values, 4).tolist()
+        for e, entity in enumerate(entities):
+            row = rounded[e]
+            bad_readings = int(out_of_range[e].sum())
+            if config.batched:
+                payload = encode(
+                    {"entity_id": entity, "ts": ts, "values": dict(zip(names, row, strict=True))}
+                )
+                yield entity, _truncated(payload) if malformed[e] else payload
+                expected.messages += 1
+            else:
+                for s, name in enumerate(names):
+                    payload = encode(
+                        {"entity_id": entity, "sensor": name, "ts": ts, "value": row[s]}
+                    )
+                    # In the single form only the first message of a malformed
+                    # entity-tick is truncated, so the counts stay per message.
+                    yield entity, _truncated(payload) if malformed[e] and s == 0 else payload
+                    expected.messages += 1
+            lost = config.sensors if config.batched else 1
+            expected.readings += config.sensors
+            if malformed[e]:
+                expected.malformed_messages += 1
+                expected.dead_letter_readings += lost
+                if not config.batched:
+                    bad_readings -= int(out_of_range[e, 0])
+                else:
+                    bad_readings = 0
+            expected.out_of_range_readings += bad_readings
+            expected.dead_letter_readings += bad_readings
+            expected.valid_readings += config.sensors - (lost if malformed[e] else 0) - bad_readings
+        if tick * _TICK_MS >= _LATE_BEHIND_MS:
+            for e, s in zip(*np.nonzero(late), strict=True):
+                late_ts = ts - _LATE_BEHIND_MS + _TICK_MS // 2
+                value = float(np.round(level[e, s], 4))
+                payload = encode(
+                    {"entity_id": entities[e], "sensor": names[s], "ts": late_ts, "value": value}
+                )
+                yield entities[e], payload
+                expected.messages += 1
+                expected.readings += 1
+                expected.valid_readings += 1
+                expected.late_readings += 1
+    last_ts = start_ms + (config.ticks - 1) * _TICK_MS
+    expected.last_ts_ms = last_ts
+    windows_per_series = (last_ts // window_ms) - (start_ms // window_ms) + 1
+    closed_until = last_ts - int(config.lateness_s * 1000)
+    closed_per_series = closed_until // window_ms - start_ms // window_ms
+    series = config.entities * config.sensors
+    expected.all_windows = series * windows_per_series
+    expected.closed_windows = series * max(closed_per_series, 0)
+
+
+def _truncated(payload: bytes) -> bytes:
+    return payload[: len(payload) // 2]
