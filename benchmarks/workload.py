@@ -149,6 +149,10 @@ def messages(
     encode = msgspec.json.encode
     window_ms = int(config.window_s * 1000)
     expected.first_ts_ms = start_ms
+    # Which (entity, sensor, window) got an on-time valid reading, and each entity's
+    # newest valid reading: the windows its own watermark closes follow from these.
+    has_reading = np.zeros((config.entities, config.sensors, config.ticks // 10 + 2), dtype=bool)
+    newest_tick = np.full(config.entities, -1)
     for tick in range(config.ticks):
         ts = start_ms + tick * _TICK_MS
         level += rng.normal(0.0, 0.002, size=level.shape) * span
@@ -159,6 +163,14 @@ def messages(
         malformed = rng.random(config.entities) < config.malformed_share
         late = rng.random(values.shape) < config.late_share
         rounded = np.round(values, 4).tolist()
+        valid = ~out_of_range
+        if config.batched:
+            valid[malformed] = False
+        else:
+            valid[malformed, 0] = False
+        window = (start_ms + tick * _TICK_MS) // window_ms - start_ms // window_ms
+        has_reading[:, :, window] |= valid
+        newest_tick[valid.any(axis=1)] = tick
         for e, entity in enumerate(entities):
             row = rounded[e]
             bad_readings = int(out_of_range[e].sum())
@@ -201,14 +213,12 @@ def messages(
                 expected.readings += 1
                 expected.valid_readings += 1
                 expected.late_readings += 1
-    last_ts = start_ms + (config.ticks - 1) * _TICK_MS
-    expected.last_ts_ms = last_ts
-    windows_per_series = (last_ts // window_ms) - (start_ms // window_ms) + 1
-    closed_until = last_ts - int(config.lateness_s * 1000)
-    closed_per_series = closed_until // window_ms - start_ms // window_ms
-    series = config.entities * config.sensors
-    expected.all_windows = series * windows_per_series
-    expected.closed_windows = series * max(closed_per_series, 0)
+    expected.last_ts_ms = start_ms + (config.ticks - 1) * _TICK_MS
+    watermark = start_ms + newest_tick * _TICK_MS - int(config.lateness_s * 1000)
+    window_end = start_ms + (np.arange(has_reading.shape[2]) + 1) * window_ms
+    closed = window_end[None, :] <= watermark[:, None]
+    expected.all_windows = int(has_reading.sum())
+    expected.closed_windows = int((has_reading & closed[:, None, :]).sum())
 
 
 def _truncated(payload: bytes) -> bytes:

@@ -28,6 +28,7 @@ def test_the_workload_promises_what_its_messages_hold(batched: bool) -> None:
     # Count again from the payloads alone, the way a consumer sees them.
     malformed = out_of_range = late = valid = 0
     series_windows: dict[tuple[str, str], set[int]] = {}
+    newest: dict[str, int] = {}
     for _key, payload in messages(config, START_MS, expected):
         try:
             message = msgspec.json.decode(payload)
@@ -46,13 +47,23 @@ def test_the_workload_promises_what_its_messages_hold(batched: bool) -> None:
                 valid += 1
                 windows = series_windows.setdefault((message["entity_id"], sensor), set())
                 windows.add(message["ts"] // 10_000)
+                newest[message["entity_id"]] = max(
+                    newest.get(message["entity_id"], 0), message["ts"]
+                )
     assert malformed == expected.malformed_messages > 0
     assert out_of_range == expected.out_of_range_readings > 0
     assert late == expected.late_readings > 0
     assert valid == expected.valid_readings
     assert expected.readings == valid + expected.dead_letter_readings
     assert sum(len(w) for w in series_windows.values()) == expected.all_windows
-    assert 0 < expected.closed_windows < expected.all_windows
+    # An entity's watermark (its newest valid reading - 5 s) closes its windows.
+    closed = sum(
+        1
+        for (entity, _sensor), windows in series_windows.items()
+        for window in windows
+        if (window + 1) * 10_000 <= newest[entity] - 5_000
+    )
+    assert 0 < closed == expected.closed_windows < expected.all_windows
 
 
 def test_the_workload_is_the_same_for_the_same_seed() -> None:
