@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.throughput import VARIANTS
 from tests.helpers import clean_env, twinflow_cli
 from twinflow.settings import Settings
 
 
+# Seven variants, each with a 30-s latency warm-up, and the peer's virtualenv on first use.
+@pytest.mark.timeout(900)
 def test_smoke_run_checks_every_variant_and_writes_the_report(
     stack: Settings, tmp_path: Path
 ) -> None:
@@ -24,7 +28,7 @@ def test_smoke_run_checks_every_variant_and_writes_the_report(
         "--smoke",
         "--out",
         str(tmp_path),
-        timeout=900,
+        timeout=880,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "throughput.json").read_text())
