@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import numpy.typing as npt
 
 from connectors.questdb import QuestDBError, QuestDBHttp
 
@@ -126,11 +127,20 @@ def latencies(
         }
     sent = sent_times[np.searchsorted(sent_counts, k, side="left")]
     seen = seen_times[np.searchsorted(np.maximum.accumulate(seen_counts), k, side="left")]
-    delay_ms = (seen - sent) * 1000
+    return {"readings": total, "visible": visible, **percentiles((seen - sent) * 1000)}
+
+
+def percentiles(delays_ms: npt.ArrayLike) -> dict[str, float]:
+    """p50, p99 and max of delays in ms, rounded to 0.1 ms (empty: none).
+
+    >>> percentiles([10.0, 20.0, 30.0])
+    {'p50_ms': 20.0, 'p99_ms': 29.8, 'max_ms': 30.0}
+    """
+    delays = np.asarray(delays_ms, dtype=np.float64)
+    if not len(delays):
+        return {}
     return {
-        "readings": total,
-        "visible": visible,
-        "p50_ms": round(float(np.percentile(delay_ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(delay_ms, 99)), 1),
-        "max_ms": round(float(delay_ms.max()), 1),
+        "p50_ms": round(float(np.percentile(delays, 50)), 1),
+        "p99_ms": round(float(np.percentile(delays, 99)), 1),
+        "max_ms": round(float(delays.max()), 1),
     }

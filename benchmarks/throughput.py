@@ -44,7 +44,7 @@ import yaml
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from benchmarks.latency import LiveSchedule, VisibilityProbe
+from benchmarks.latency import LiveSchedule, VisibilityProbe, percentiles
 from benchmarks.peers.quix_env import ensure_quix_python
 from benchmarks.workload import Expected, WorkloadConfig, messages, sensor_ranges, twin_model
 from connectors.kafka import TopicSpec, client_config, ensure_topics, reliable_producer
@@ -460,7 +460,8 @@ class Bench:
                 time.sleep(2.0)
                 run.stop()
                 pairs = json.loads(latency_file.read_text()) if latency_file.exists() else []
-                return _percentiles([delay for sent, delay in pairs if sent >= measured_from_ms])
+                delays = [delay for sent, delay in pairs if sent >= measured_from_ms]
+                return {"readings": len(delays), **percentiles(delays)}
             return probe.finish(schedule)
         finally:
             run.stop()
@@ -614,20 +615,6 @@ def _latency_line(run: _Processes, timeout_s: float) -> dict[str, float | int]:
             return dict(json.loads(" ".join(marker)))
         time.sleep(_POLL_S)
     return {}
-
-
-def _percentiles(delays_ms: list[float]) -> dict[str, float | int]:
-    import numpy as np
-
-    if not delays_ms:
-        return {}
-    values = np.asarray(delays_ms)
-    return {
-        "readings": len(values),
-        "p50_ms": round(float(np.percentile(values, 50)), 1),
-        "p99_ms": round(float(np.percentile(values, 99)), 1),
-        "max_ms": round(float(values.max()), 1),
-    }
 
 
 def _free_port() -> int:

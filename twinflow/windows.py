@@ -164,19 +164,7 @@ def window_features(
         strict=True,
     )
     result = []
-    for (
-        code,
-        window_start,
-        count,
-        mean,
-        low,
-        high,
-        std,
-        last,
-        slope,
-        flagged_count,
-        *newest,
-    ) in columns:
+    for code, window_start, count, *features_and_flagged, ts_ms, value_, flags_ in columns:
         features = None
         if count:
             features = SensorWindow(
@@ -185,15 +173,9 @@ def window_features(
                 window_start,
                 window_start + length_ms,
                 count,
-                mean,
-                low,
-                high,
-                std,
-                last,
-                slope,
-                flagged_count,
+                *features_and_flagged,
             )
-        result.append(ClosedSeriesWindow(code, window_start, features, *newest))
+        result.append(ClosedSeriesWindow(code, window_start, features, ts_ms, value_, flags_))
     return result
 
 
