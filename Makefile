@@ -2,13 +2,14 @@
 VENV := .venv/bin
 .DEFAULT_GOAL := help
 
-.PHONY: help venv setup demo test lint up down status evaluate
+.PHONY: help venv setup demo test lint up down status evaluate chaos
 
 help:
 	@echo "make demo   - install everything, start Kafka, QuestDB and Mosquitto, run the demo"
 	@echo "make test   - install everything, then lint, type-check and run all tests"
 	@echo "make up | down | status - manage the local services"
 	@echo "make evaluate - detection quality on SKAB's labeled pump data (no services needed)"
+	@echo "make chaos  - every fault and security recipe (about 25 min), then the chaos table"
 
 venv:
 	@bash infra/bootstrap.sh
@@ -37,6 +38,11 @@ down: venv
 
 status: venv
 	@$(VENV)/twinflow status
+
+# -m chaos also selects the long (soak) recipes that the default run leaves out.
+chaos: setup
+	@$(VENV)/pytest -m chaos tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing" >&2; exit 1; fi; exit $$rc
 
 evaluate: venv
 	@$(VENV)/python -m benchmarks.skab_evaluation

@@ -50,7 +50,7 @@ from benchmarks.workload import Expected, WorkloadConfig, messages, sensor_range
 from connectors.kafka import TopicSpec, client_config, ensure_topics, reliable_producer
 from connectors.questdb import QuestDBError, QuestDBHttp
 from twinflow.services.process import rss_bytes
-from twinflow.settings import Settings
+from twinflow.settings import KafkaSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 _POLL_S = 0.25
@@ -202,42 +202,16 @@ class Bench:
 
     def produce(self) -> float:
         """Produce the workload once; return the seconds it took."""
-        config = self.options.workload
-        window_ms = int(config.window_s * 1000)
-        # Old enough to be history, young enough for the flow's max_age check.
-        self.start_ms = (
-            (int(time.time() * 1000) - config.ticks * 1000 - 3_600_000) // window_ms * window_ms
-        )
-        ensure_topics(self.settings.kafka, [TopicSpec(self.topic, self.options.partitions)])
         started = time.monotonic()
-        self._produce(
-            self.topic, messages(config, self.start_ms, self.expected), self.expected.readings
+        self.start_ms = produce_workload(
+            self.settings.kafka,
+            self.topic,
+            self.options.partitions,
+            self.options.workload,
+            self.expected,
+            self.say,
         )
         return time.monotonic() - started
-
-    def _produce(self, topic: str, payloads: Any, _hint: int) -> None:
-        producer = reliable_producer(
-            self.settings.kafka, **{"linger.ms": 20, "batch.size": 1_000_000}
-        )
-        failures: list[str] = []
-
-        def report(error: Any, _message: Any) -> None:
-            if error is not None:
-                failures.append(str(error))
-
-        next_report = time.monotonic() + 2
-        for produced, (key, payload) in enumerate(payloads, start=1):
-            while True:
-                try:
-                    producer.produce(topic, payload, key, on_delivery=report)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            if time.monotonic() > next_report:
-                self.say(f"  produced {produced:,} messages")
-                next_report = time.monotonic() + 2
-        if producer.flush(120) or failures:
-            raise RuntimeError(f"the workload was not fully produced: {failures[:3]}")
 
     # -- variants ------------------------------------------------------------------------
 
@@ -305,22 +279,14 @@ class Bench:
                     env,
                 )
             ]
-        flow_env = dict(
-            env,
-            TWINFLOW_STATE_DIR=str(self.settings.state_dir),
-            TWINFLOW_TWIN_MODEL=str(self.model_path),
-            TWINFLOW_KAFKA__PORT=str(self.settings.kafka.port),
-            TWINFLOW_QUESTDB__HTTP_PORT=str(self.settings.questdb.http_port),
-            TWINFLOW_TOPICS__RAW=topic,
-            TWINFLOW_TOPICS__DEADLETTER=f"bench.deadletter.{prefix}",
-            TWINFLOW_TOPICS__STATE=f"bench.state.{prefix}",
-            TWINFLOW_TOPICS__ANOMALIES=f"bench.anomalies.{prefix}",
-            TWINFLOW_TOPICS__LATE=f"bench.late.{prefix}",
-            TWINFLOW_TOPICS__RAW_PARTITIONS=str(self.options.partitions),
-            TWINFLOW_QUESTDB__TABLE_PREFIX=prefix,
-            TWINFLOW_FLOW__RECOVERY_DIR=str(self.work / f"{prefix}recovery"),
-            TWINFLOW_FLOW__WINDOW_S=str(self.options.workload.window_s),
-            TWINFLOW_FLOW__ALLOWED_LATENESS_S=str(self.options.workload.lateness_s),
+        flow_env = twinflow_env(
+            self.settings,
+            self.options.workload,
+            model=self.model_path,
+            raw_topic=topic,
+            partitions=self.options.partitions,
+            prefix=prefix,
+            recovery_dir=self.work / f"{prefix}recovery",
         )
         run = [python, "-m", "twinflow", "run", "-w", str(variant.workers)]
         if variant.processes == 1:
@@ -506,6 +472,80 @@ class Bench:
         for table in (*tables, "deadletters"):
             with contextlib.suppress(QuestDBError):
                 self.sql.exec(f"DROP TABLE IF EXISTS '{prefix}{table}'")
+
+
+def produce_workload(
+    kafka: KafkaSettings,
+    topic: str,
+    partitions: int,
+    config: WorkloadConfig,
+    expected: Expected,
+    say: Callable[[str], None],
+    start_ms: int | None = None,
+) -> int:
+    """Create ``topic`` and produce the workload to it; return its start time (ms).
+
+    The start is by default an hour and the workload's length ago, on a window
+    boundary: old enough to be history, young enough for the flow's max_age check.
+    """
+    if start_ms is None:
+        window_ms = int(config.window_s * 1000)
+        now_ms = int(time.time() * 1000)
+        start_ms = (now_ms - config.ticks * 1000 - 3_600_000) // window_ms * window_ms
+    ensure_topics(kafka, [TopicSpec(topic, partitions)])
+    producer = reliable_producer(kafka, **{"linger.ms": 20, "batch.size": 1_000_000})
+    failures: list[str] = []
+
+    def report(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    next_report = time.monotonic() + 2
+    for produced, (key, payload) in enumerate(messages(config, start_ms, expected), start=1):
+        while True:
+            try:
+                producer.produce(topic, payload, key, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if time.monotonic() > next_report:
+            say(f"  produced {produced:,} messages")
+            next_report = time.monotonic() + 2
+    if producer.flush(120) or failures:
+        raise RuntimeError(f"the workload was not fully produced: {failures[:3]}")
+    return start_ms
+
+
+def twinflow_env(
+    settings: Settings,
+    config: WorkloadConfig,
+    *,
+    model: Path,
+    raw_topic: str,
+    partitions: int,
+    prefix: str,
+    recovery_dir: Path,
+) -> dict[str, str]:
+    """The environment of a ``twinflow run`` over the workload: own outputs, own store."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        TWINFLOW_STATE_DIR=str(settings.state_dir),
+        TWINFLOW_TWIN_MODEL=str(model),
+        TWINFLOW_KAFKA__PORT=str(settings.kafka.port),
+        TWINFLOW_QUESTDB__HTTP_PORT=str(settings.questdb.http_port),
+        TWINFLOW_TOPICS__RAW=raw_topic,
+        TWINFLOW_TOPICS__DEADLETTER=f"bench.deadletter.{prefix}",
+        TWINFLOW_TOPICS__STATE=f"bench.state.{prefix}",
+        TWINFLOW_TOPICS__ANOMALIES=f"bench.anomalies.{prefix}",
+        TWINFLOW_TOPICS__LATE=f"bench.late.{prefix}",
+        TWINFLOW_TOPICS__RAW_PARTITIONS=str(partitions),
+        TWINFLOW_QUESTDB__TABLE_PREFIX=prefix,
+        TWINFLOW_FLOW__RECOVERY_DIR=str(recovery_dir),
+        TWINFLOW_FLOW__WINDOW_S=str(config.window_s),
+        TWINFLOW_FLOW__ALLOWED_LATENESS_S=str(config.lateness_s),
+    )
+    return env
 
 
 class _Processes:

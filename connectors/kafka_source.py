@@ -6,7 +6,9 @@ list-level step pays that cost once per batch. The partition's next offset is it
 resume state: recovery snapshots it with the step states of the same epoch.
 
 While a partition has no new messages it still emits an empty batch every ``tick_s``,
-so the step can act on system time (close the windows of silent entities).
+so the step can act on system time (close the windows of silent entities). It ticks
+only when the broker confirms the partition holds nothing more: while the broker is
+unreachable, or messages are waiting to be fetched, silence is not the entities'.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import client_config
 from twinflow.errors import TwinflowError
@@ -27,6 +29,7 @@ from twinflow.twin import InputMessage, MessageBatch
 Batch = tuple[str, Sequence[InputMessage]]
 log = logging.getLogger("twinflow.source.kafka")
 _IDLE_POLL_S = 0.05
+_WATERMARK_TIMEOUT_S = 0.5
 
 
 class KafkaSourceError(TwinflowError):
@@ -124,10 +127,24 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
             self._last_emit = now
             return [(self._key, batch)]
         self._awake = datetime.now(UTC) + timedelta(seconds=_IDLE_POLL_S)
-        if now - self._last_emit >= self._source.tick_s:
+        if now - self._last_emit >= self._source.tick_s and self._caught_up():
             self._last_emit = now
             return [(self._key, MessageBatch(self._source.topic, self._partition, [], [], []))]
         return []
+
+    def _caught_up(self) -> bool:
+        """Whether the broker answers and has no message past what was emitted."""
+        partition = TopicPartition(self._source.topic, self._partition)
+        try:
+            marks = self._consumer.get_watermark_offsets(
+                partition, timeout=_WATERMARK_TIMEOUT_S, cached=False
+            )
+        except KafkaException:
+            return False
+        if marks is None:
+            return False
+        low, high = marks
+        return (low if self._next_offset is None else self._next_offset) >= high
 
     def next_awake(self) -> datetime | None:
         return self._awake

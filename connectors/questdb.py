@@ -7,6 +7,7 @@ after a crash rewrites identical rows instead of duplicating them.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import urllib.error
@@ -23,6 +24,32 @@ from twinflow.settings import QuestDBSettings
 
 class QuestDBError(TwinflowError):
     """QuestDB refused a statement or could not be reached."""
+
+
+class QuestDBAuthError(QuestDBError):
+    """QuestDB refused the HTTP basic auth credentials (or their absence); not transient."""
+
+
+AUTH_SETTINGS = "TWINFLOW_QUESTDB__HTTP_USERNAME and TWINFLOW_QUESTDB__HTTP_PASSWORD"
+
+
+def auth_failure(settings: QuestDBSettings, what: str, status: int | str) -> str:
+    """The message for a 401/403 from QuestDB's HTTP endpoint: what failed, what to set.
+
+    It names the user, never the password.
+    """
+    where = f"QuestDB at {settings.http_url}"
+    if settings.http_username is None:
+        return (
+            f"authentication failed: {where} requires HTTP basic auth for {what} "
+            f"(HTTP {status}) and no credentials are set. Set {AUTH_SETTINGS} "
+            "(questdb.http_username / questdb.http_password) to its http.user / http.password."
+        )
+    return (
+        f"authentication failed: {where} refused user {settings.http_username!r} for {what} "
+        f"(HTTP {status}). Check {AUTH_SETTINGS} (questdb.http_username / "
+        "questdb.http_password) against the server's http.user / http.password."
+    )
 
 
 @dataclass(frozen=True)
@@ -42,16 +69,31 @@ class QuestDBHttp:
     """SQL over QuestDB's ``/exec`` endpoint."""
 
     def __init__(self, settings: QuestDBSettings, timeout_s: float = 30.0) -> None:
+        self._settings = settings
         self._base = settings.http_url
         self._timeout_s = timeout_s
+        self._headers: dict[str, str] = {}
+        if settings.http_auth is not None:
+            token = base64.b64encode(":".join(settings.http_auth).encode()).decode()
+            self._headers["Authorization"] = f"Basic {token}"
+
+    def __repr__(self) -> str:
+        user = self._settings.http_username
+        return f"QuestDBHttp({self._base!r}, user={user!r})"
 
     def exec(self, sql: str) -> QueryResult:
-        """Run one statement; raise :class:`QuestDBError` with the server's message."""
+        """Run one statement; raise :class:`QuestDBError` with the server's message.
+
+        A 401/403 raises :class:`QuestDBAuthError` naming the credential settings.
+        """
         url = f"{self._base}/exec?" + urllib.parse.urlencode({"query": sql})
+        request = urllib.request.Request(url, headers=self._headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(url, timeout=self._timeout_s) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:  # noqa: S310
                 body = json.loads(response.read())
         except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise QuestDBAuthError(auth_failure(self._settings, "SQL", exc.code)) from None
             detail = exc.read().decode(errors="replace")
             with contextlib.suppress(ValueError):
                 detail = json.loads(detail).get("error", detail)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import random
 import subprocess
 import sys
 import time
@@ -15,21 +15,54 @@ from confluent_kafka import Consumer, Message
 
 from connectors.kafka import client_config
 from schemas.outputs import Flag
-from twinflow.settings import KafkaSettings
+from twinflow.services.process import port_is_free
+from twinflow.settings import KafkaSettings, Settings
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports that are free right now on 127.0.0.1 (distinct)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """Distinct ports that are free right now on 127.0.0.1, below the ephemeral range.
+
+    A port from the ephemeral range can be taken by a client while its server is down:
+    reconnecting to 127.0.0.1:P, the kernel may pick P itself as the source port and
+    connect the socket to itself. Tests that restart servers would then find the port
+    "in use".
+    """
+    low, _high = (
+        int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    )
+    candidates = list(range(max(1024, low - 12_000), low))
+    random.shuffle(candidates)
+    ports = [port for port in candidates[: count * 20] if port_is_free(port)][:count]
+    assert len(ports) == count, "no free ports below the ephemeral range"
+    return ports
+
+
+def isolated_settings(base: Settings, state_dir: Path) -> Settings:
+    """Settings for a second local stack: own state folder and free ports, shared jars.
+
+    Tests that restart, kill or secure a service use one so the session's stack and the
+    other tests never notice.
+    """
+    (kafka, controller, http, pg, ilp, min_http, mqtt) = free_ports(7)
+    return base.model_copy(
+        update={
+            "state_dir": state_dir,
+            "lib_dir": base.jar_dir,
+            "kafka": base.kafka.model_copy(
+                update={"port": kafka, "controller_port": controller, "heap": "512m"}
+            ),
+            "questdb": base.questdb.model_copy(
+                update={
+                    "http_port": http,
+                    "pg_port": pg,
+                    "ilp_tcp_port": ilp,
+                    "min_http_port": min_http,
+                    "heap": "512m",
+                }
+            ),
+            "mqtt": base.mqtt.model_copy(update={"port": mqtt}),
+        }
+    )
 
 
 def consume_all(

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -72,6 +73,48 @@ class KafkaSettings(_Section):
     )
     heap: HeapSize = Field(default="1g", description="JVM max heap of the local broker")
     default_partitions: int = Field(default=4, ge=1, le=1024)
+    security_protocol: str = Field(
+        default="PLAINTEXT",
+        pattern=r"^(PLAINTEXT|SASL_PLAINTEXT|SASL_SSL)$",
+        description=(
+            "PLAINTEXT, SASL_PLAINTEXT or SASL_SSL; the local broker (twinflow up) runs "
+            "PLAINTEXT or SASL_PLAINTEXT"
+        ),
+    )
+    sasl_mechanism: str = Field(
+        default="SCRAM-SHA-256",
+        pattern=r"^SCRAM-SHA-(256|512)$",
+        description="SCRAM-SHA-256 or SCRAM-SHA-512 (used with SASL_*)",
+    )
+    # Checked in field order, so the credential checks see security_protocol; they run
+    # on defaults too, and their errors carry only the (missing or empty) value.
+    sasl_username: str | None = Field(
+        default=None, validate_default=True, description="SCRAM user (needed with SASL_*)"
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None, validate_default=True, description="SCRAM password (needed with SASL_*)"
+    )
+    ssl_ca_file: Path | None = Field(
+        default=None, description="CA bundle for SASL_SSL; default: the system's CAs"
+    )
+
+    @field_validator("sasl_username", "sasl_password")
+    @classmethod
+    def _sasl_credentials(
+        cls, value: str | SecretStr | None, info: ValidationInfo
+    ) -> str | SecretStr | None:
+        protocol = info.data.get("security_protocol", "PLAINTEXT")
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if protocol.startswith("SASL_") and not text:
+            env = f"{ENV_PREFIX}KAFKA{ENV_NESTED_DELIMITER}{str(info.field_name).upper()}"
+            what = "user" if info.field_name == "sasl_username" else "password"
+            raise ValueError(f"security_protocol {protocol} needs a SCRAM {what}: set {env}")
+        return value
+
+    @property
+    def sasl(self) -> bool:
+        """Whether clients authenticate with SASL/SCRAM."""
+        return self.security_protocol.startswith("SASL_")
 
     @property
     def bootstrap(self) -> str:
@@ -92,20 +135,73 @@ class QuestDBSettings(_Section):
     )
     pg_user: str = "admin"
     pg_password: SecretStr = SecretStr("quest")
+    # HTTP basic auth (REST, ILP over HTTP, console). The password comes first so the
+    # username's check (run on the default too) sees it; a validation error echoes its
+    # input, so only the username's or an empty password's error can be raised.
+    http_password: SecretStr | None = Field(
+        default=None, description="HTTP basic auth password; the local server's http.password"
+    )
+    http_username: str | None = Field(
+        default=None,
+        validate_default=True,
+        description="HTTP basic auth user (REST, ILP over HTTP); the local server's http.user",
+    )
     heap: HeapSize = Field(
         default="1g", description="JVM heap of the local server; data is off-heap"
     )
+
+    @field_validator("http_password")
+    @classmethod
+    def _http_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty; unset it (and the username) to turn auth off")
+        return value
+
+    @field_validator("http_username")
+    @classmethod
+    def _http_username(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "http_password" not in info.data:
+            return value  # the password is invalid and already reported
+        both = "TWINFLOW_QUESTDB__HTTP_USERNAME and TWINFLOW_QUESTDB__HTTP_PASSWORD"
+        if (value is None) != (info.data["http_password"] is None):
+            raise ValueError(f"QuestDB HTTP basic auth needs both or neither of {both}")
+        if value is not None and (not value or ":" in value or not value.isprintable()):
+            raise ValueError("must be non-empty, without ':' or control characters")
+        return value
 
     @property
     def http_url(self) -> str:
         """Base URL of the HTTP endpoint (also the web console)."""
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def http_auth(self) -> tuple[str, str] | None:
+        """``(user, password)`` for HTTP basic auth, or None when QuestDB needs none."""
+        if self.http_username is None or self.http_password is None:
+            return None
+        return self.http_username, self.http_password.get_secret_value()
+
     def ilp_conf(self, **options: str | int) -> str:
-        """A ``questdb`` client configuration string for ILP over HTTP."""
+        """A ``questdb`` client configuration string for ILP over HTTP.
+
+        It holds the password in clear text when one is set: never log it.
+        Values are escaped (``;`` becomes ``;;``):
+
+        >>> QuestDBSettings(http_username="u", http_password="a;b").ilp_conf(auto_flush="off")
+        'http::addr=127.0.0.1:9000;username=u;password=a;;b;auto_flush=off;'
+        """
         parts = [f"http::addr={self.host}:{self.http_port}"]
-        parts.extend(f"{key}={value}" for key, value in options.items())
+        values: dict[str, str | int] = {}
+        if self.http_auth is not None:
+            values["username"], values["password"] = self.http_auth
+        values.update(options)
+        parts.extend(f"{key}={_conf_value(value)}" for key, value in values.items())
         return ";".join(parts) + ";"
+
+
+def _conf_value(value: str | int) -> str:
+    """A value for a ``questdb`` client configuration string (``;`` doubled)."""
+    return str(value).replace(";", ";;")
 
 
 class MqttSettings(_Section):
@@ -137,6 +233,45 @@ class MqttSettings(_Section):
             "would drop QoS 1 readings while a bridge restarts"
         ),
     )
+    password_file: Path | None = Field(
+        default=None,
+        description=(
+            "mosquitto_passwd file of the local broker (twinflow up); set, anonymous "
+            "clients are refused and twinflow's clients log in as username/password"
+        ),
+    )
+    acl_file: Path | None = Field(
+        default=None, description="Mosquitto ACL file of the local broker; needs password_file"
+    )
+
+    @field_validator("password_file", "acl_file")
+    @classmethod
+    def _existing_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        env = f"{ENV_PREFIX}MQTT{ENV_NESTED_DELIMITER}{str(info.field_name).upper()}"
+        # Mosquitto reads the file from its own folder and splits its config on spaces.
+        path = path.expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"{env}={path} is not an existing file")
+        if any(char.isspace() for char in str(path)):
+            raise ValueError(f"{env}={path}: Mosquitto cannot read a path with spaces")
+        return path
+
+    @model_validator(mode="after")
+    def _broker_auth_complete(self) -> Self:
+        mqtt = f"{ENV_PREFIX}MQTT{ENV_NESTED_DELIMITER}"
+        if self.acl_file is not None and self.password_file is None:
+            raise ValueError(
+                f"{mqtt}ACL_FILE needs {mqtt}PASSWORD_FILE: an ACL names users, and without "
+                "a password file Mosquitto lets anyone in anonymously"
+            )
+        if self.password_file is not None and (self.username is None or self.password is None):
+            raise ValueError(
+                f"{mqtt}PASSWORD_FILE refuses anonymous clients: set {mqtt}USERNAME and "
+                f"{mqtt}PASSWORD to a user of that file, for twinflow's own clients"
+            )
+        return self
 
 
 class TopicSettings(_Section):
@@ -188,6 +323,14 @@ class OpcUaSettings(_Section):
             raise ValueError(
                 "security basic256sha256 needs client_cert_file and client_key_file "
                 "(TWINFLOW_OPCUA__CLIENT_CERT_FILE, TWINFLOW_OPCUA__CLIENT_KEY_FILE)"
+            )
+        if self.security == "basic256sha256" and self.server_cert_file is None:
+            # Without a pinned certificate the bridge would encrypt to whichever server
+            # answers, and send it the password.
+            raise ValueError(
+                "security basic256sha256 needs server_cert_file, the pinned certificate of "
+                "the OPC UA server (TWINFLOW_OPCUA__SERVER_CERT_FILE); an unpinned server "
+                "is refused"
             )
         return self
 
@@ -367,10 +510,43 @@ def _explain(exc: ValidationError) -> str:
         if location:
             dotted = ".".join(str(part) for part in location)
             where = f"{dotted} (env {env_name(location)})"
-            received = f"; got {error['input']!r}" if "input" in error else ""
+            shown = _without_secrets(Settings, location, error.get("input"))
+            received = f"; got {shown!r}" if "input" in error else ""
         else:
             where, received = "settings", ""
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"  - {where}: {message}{received}")
     lines.append("Fix the value in the environment or the config file and run again.")
     return "\n".join(lines)
+
+
+# Names of unknown (mistyped) fields whose values may be secrets.
+_SECRET_NAME = re.compile(r"pas|pwd|secret|token|credential|key", re.IGNORECASE)
+
+
+def _without_secrets(model: type[BaseModel] | None, location: tuple[Any, ...], value: Any) -> Any:
+    """The input ``value`` at ``location`` below ``model``, every secret in it masked.
+
+    An error's input is the raw value: a section's validator gets the whole section,
+    passwords in clear text included.
+
+    >>> _without_secrets(Settings, ("mqtt",), {"port": "1", "password": "s3cret"})
+    {'port': '1', 'password': '**********'}
+    """
+    if location:
+        part, rest = location[0], location[1:]
+        if model is None:
+            return value
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return "**********" if _SECRET_NAME.search(str(part)) else value
+        annotation = field.annotation
+        if annotation is SecretStr or SecretStr in getattr(annotation, "__args__", ()):
+            return "**********"
+        submodel = annotation if isinstance(annotation, type) else None
+        if submodel is not None and not issubclass(submodel, BaseModel):
+            submodel = None
+        return _without_secrets(submodel, rest, value)
+    if isinstance(value, dict) and model is not None:
+        return {key: _without_secrets(model, (key,), item) for key, item in value.items()}
+    return value

@@ -19,7 +19,10 @@ order of an entity's messages, which Kafka fixes.
 
 Decisions that could differ on a replay are tied to the message, not the clock: the
 time checks compare a reading's timestamp with the Kafka timestamp of its message.
-Only idleness (closing the windows of a silent entity, STALE) uses system time.
+Only idleness (closing the windows of a silent entity, STALE) uses system time, and
+only the time the flow was live: a gap between steps longer than
+``MAX_STEP_GAP_MS`` (a restart, a broker or sink outage) is the pipeline's silence,
+not the entity's, so an outage never closes windows whose readings are still coming.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ _BAD_QUALITY = frozenset({"bad", "uncertain"})
 _MESSAGE_COUNTS = ("readings", "flagged", "duplicates", "late", "dead_letters")
 _NEVER = np.iinfo(np.int64).min // 4
 _ALWAYS = np.iinfo(np.int64).max // 4
+MAX_STEP_GAP_MS = 5_000
+"""The most one gap between steps adds to live time; sources tick every second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +212,8 @@ class EntityTwin:
     """Every window ending at or before this has closed."""
     last_score: float | None = None
     last_threshold: float | None = None
-    last_seen_wall_ms: int | None = None
-    """System time of its last reading; None right after a restore (then: now)."""
+    last_seen_live_ms: int = 0
+    """Live time (see :class:`PartitionTwins`) of its last message."""
 
 
 @dataclass
@@ -278,13 +283,21 @@ class PartitionTwins:
         self._cleaning = SeriesCleaning()
         self._windows = OpenWindows(int(flow.window_s * 1000))
         self._lateness_ms = int(flow.allowed_lateness_s * 1000)
+        self._live_ms = 0
+        """System time this partition's step has been live, stalls capped."""
+        self._last_step_wall_ms: int | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # After a restore the silence clock restarts: a restart is not the entities'
-        # silence, and closing their windows now would turn the replay into late data.
+        # The time the flow was down after this snapshot is nobody's silence.
         self.__dict__.update(state)
-        for twin in self.entities.values():
-            twin.last_seen_wall_ms = None
+        self.__dict__.setdefault("_live_ms", 0)
+        self._last_step_wall_ms = None
+
+    def _advance(self, now_ms: int) -> int:
+        if self._last_step_wall_ms is not None:
+            self._live_ms += min(max(now_ms - self._last_step_wall_ms, 0), MAX_STEP_GAP_MS)
+        self._last_step_wall_ms = now_ms
+        return self._live_ms
 
     def open_window_starts(self, entity_id: str) -> list[int]:
         """Starts of the entity's open windows."""
@@ -296,9 +309,10 @@ class PartitionTwins:
     def step(self, messages: Sequence[InputMessage], now_ms: int) -> StepOutput:
         """Process a batch of one partition's messages, in offset order."""
         out = StepOutput()
+        live_ms = self._advance(now_ms)
         if messages:
-            self._readings(messages, self._decode(messages, now_ms, out), out)
-        self._idle(now_ms, out)
+            self._readings(messages, self._decode(messages, live_ms, out), out)
+        self._idle(live_ms, out)
         return out
 
     # -- per message -------------------------------------------------------------------
@@ -321,7 +335,7 @@ class PartitionTwins:
             self._twins.append(twin)
         return twin
 
-    def _decode(self, messages: Sequence[InputMessage], now_ms: int, out: StepOutput) -> _Decoded:
+    def _decode(self, messages: Sequence[InputMessage], live_ms: int, out: StepOutput) -> _Decoded:
         n = len(messages)
         decoded = _Decoded(
             n,
@@ -350,7 +364,7 @@ class PartitionTwins:
                 )
                 continue
             twin = self._twin(entity.id, entity.type)
-            twin.last_seen_wall_ms = now_ms
+            twin.last_seen_live_ms = live_ms
             # Set before the time checks: a rejected message still counts for its entity.
             decoded.msg_entity[i] = twin.index
             ts_ms = raw.ts_ms
@@ -617,16 +631,13 @@ class PartitionTwins:
         twin.machine.window(detection.is_anomaly, ratio, flagged / max(count, 1))
         out.states.append(self._state(twin, end, f"{twin.entity_id}@{end}"))
 
-    def _idle(self, now_ms: int, out: StepOutput) -> None:
+    def _idle(self, live_ms: int, out: StepOutput) -> None:
         idle_ms = self.flow.idle_close_s * 1000
         stale_ms = self.flow.stale_after_s * 1000
         limits = np.full(len(self._twins), _NEVER, dtype=np.int64)
         silent: list[EntityTwin] = []
         for twin in self._twins:
-            if twin.last_seen_wall_ms is None:
-                twin.last_seen_wall_ms = now_ms
-                continue
-            silent_ms = now_ms - twin.last_seen_wall_ms
+            silent_ms = live_ms - twin.last_seen_live_ms
             if silent_ms >= idle_ms:
                 limits[twin.index] = _ALWAYS
             if silent_ms >= stale_ms:
@@ -684,7 +695,8 @@ class _EntityMessages:
         self.first = np.ones(len(grouped), dtype=bool)
         self.first[1:] = grouped[1:] != grouped[:-1]
         starts = np.flatnonzero(self.first)
-        ends = np.append(starts[1:], len(grouped))
+        # A batch of nothing but dead letters has no group at all.
+        ends = np.append(starts[1:], len(grouped)) if len(starts) else starts
         self.bounds = {int(grouped[s]): (int(s), int(e)) for s, e in zip(starts, ends, strict=True)}
 
     def running_newest(self, times: Int64s, initial: Int64s) -> tuple[Int64s, Int64s]:

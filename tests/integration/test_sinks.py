@@ -255,7 +255,10 @@ def test_kafka_sink_delivers_keyed_records_from_two_workers(stack: Settings, uni
         assert all(len(parts) == 1 for key, parts in partitions.items() if key is not None)
 
 
-def test_kafka_sink_raises_when_a_delivery_fails(stack: Settings, unique: str) -> None:
+@pytest.mark.chaos
+def test_kafka_sink_raises_when_a_delivery_fails(
+    stack: Settings, unique: str, chaos_table: list[dict[str, object]]
+) -> None:
     good, typo = f"test.sink.ok.{unique}", f"test.sink.typo.{unique}"
     ensure_topics(stack.kafka, [TopicSpec(good, 1)])
     sink = KafkaOutputSink(stack.kafka, overrides={"message.timeout.ms": 2000})
@@ -269,6 +272,16 @@ def test_kafka_sink_raises_when_a_delivery_fails(stack: Settings, unique: str) -
     assert f"topic {typo!r}" in message
     assert "Unknown topic" in message or "timed out" in message, message
     _missing_topic(stack, typo)
+    chaos_table.append(
+        {
+            "fault": "7. Kafka output delivery fails: twinflow's sink",
+            "runs": 1,
+            "lost": 0,
+            "duplicates": 0,
+            "mismatches": 0,
+            "notes": "the flow stops with the topic named, so recovery retries the batch",
+        }
+    )
 
 
 def test_kafka_sink_raises_when_reports_do_not_arrive_in_time(stack: Settings, unique: str) -> None:
@@ -283,8 +296,9 @@ def test_kafka_sink_raises_when_reports_do_not_arrive_in_time(stack: Settings, u
     assert typo in message
 
 
+@pytest.mark.chaos
 def test_stock_bytewax_kafka_sink_loses_the_same_failure_silently(
-    stack: Settings, unique: str
+    stack: Settings, unique: str, chaos_table: list[dict[str, object]]
 ) -> None:
     """Negative control: why connectors.kafka_sink exists (Bytewax 0.21.1 KafkaSink)."""
     typo = f"test.sink.stock.{unique}"
@@ -294,3 +308,13 @@ def test_stock_bytewax_kafka_sink_loses_the_same_failure_silently(
     # The flow finishes normally although its only message was never delivered.
     _run(_flow([KafkaSinkMessage(b"k", b"lost", topic=typo)], stock))
     _missing_topic(stack, typo)
+    chaos_table.append(
+        {
+            "fault": "7. (negative control) the same failure, stock Bytewax KafkaSink",
+            "runs": 1,
+            "lost": 1,
+            "duplicates": 0,
+            "mismatches": 0,
+            "notes": "the flow ends normally; the message is gone without a word",
+        }
+    )

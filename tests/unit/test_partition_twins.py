@@ -3,10 +3,10 @@ from pathlib import Path
 
 import msgspec
 
-from schemas.outputs import Status
+from schemas.outputs import Status, TwinState
 from twinflow.detection import DetectorConfig
 from twinflow.settings import load_settings
-from twinflow.twin import InputMessage, PartitionTwins
+from twinflow.twin import MAX_STEP_GAP_MS, InputMessage, PartitionTwins
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(
@@ -24,6 +24,15 @@ def _message(offset: int, ts_ms: int) -> InputMessage:
     return InputMessage("twin.raw", 0, offset, ts_ms, msgspec.json.encode(body))
 
 
+def _tick(twins: PartitionTwins, from_ms: int, to_ms: int) -> list[TwinState]:
+    """Empty steps every second, as the source sends while a partition is quiet."""
+    return [
+        state
+        for now in range(from_ms + 1000, to_ms + 1, 1000)
+        for state in twins.step([], now).states
+    ]
+
+
 def test_silence_closes_windows_then_marks_stale_at_its_own_time() -> None:
     flow = load_settings().flow
     twins = PartitionTwins(MODEL, flow, DetectorConfig())
@@ -32,15 +41,16 @@ def test_silence_closes_windows_then_marks_stale_at_its_own_time() -> None:
     closed_by_data = [s.ts_ms for s in out.states]
     assert closed_by_data and all(s.status is not Status.STALE for s in out.states)
     # Silent past idle_close_s: the open window closes on system time.
-    idle = twins.step([], wall + int(flow.idle_close_s * 1000))
+    idle_at = wall + int(flow.idle_close_s * 1000)
+    assert _tick(twins, wall, idle_at - 1000) == []
+    idle = _tick(twins, idle_at - 1000, idle_at)
     window_ms = int(flow.window_s * 1000)
-    assert [s.ts_ms for s in idle.states] == [START + 2 * window_ms, START + 3 * window_ms]
+    assert [s.ts_ms for s in idle] == [START + 2 * window_ms, START + 3 * window_ms]
     # Silent past stale_after_s: STALE, at an event time no real state has.
-    stale = twins.step([], wall + int(flow.stale_after_s * 1000))
-    (state,) = stale.states
+    (state,) = _tick(twins, idle_at, wall + int(flow.stale_after_s * 1000))
     assert state.status is Status.STALE
     assert state.ts_ms == START + 24 * 1000 + int(flow.stale_after_s * 1000)
-    assert state.ts_ms not in closed_by_data + [s.ts_ms for s in idle.states]
+    assert state.ts_ms not in closed_by_data + [s.ts_ms for s in idle]
     # Readings again: the next closed window brings the entity back from STALE.
     back = twins.step(
         [_message(i, START + 200_000 + i * 1000) for i in range(25, 50)], wall + 70_000_000
@@ -56,6 +66,24 @@ def test_a_restored_partition_does_not_take_the_restart_for_silence() -> None:
     # Hours later by the clock: a restore, not hours of silence.
     assert restored.step([], 10_000_000).states == []
     assert restored.open_window_starts("pump-001")
+    # Live again, the silence counts from the restore on.
+    idle_ms = int(flow.idle_close_s * 1000)
+    assert _tick(restored, 10_000_000, 10_000_000 + idle_ms - 1000) == []
+    assert _tick(restored, 10_000_000 + idle_ms - 1000, 10_000_000 + idle_ms)
+
+
+def test_a_stalled_pipeline_is_not_the_entities_silence() -> None:
+    flow = load_settings().flow
+    twins = PartitionTwins(MODEL, flow, DetectorConfig())
+    twins.step([_message(i, START + i * 1000) for i in range(5)], 1_000)
+    # No step for ten minutes (the broker or the sink was down): one capped gap.
+    assert twins.step([], 1_000 + 600_000).states == []
+    assert twins.open_window_starts("pump-001")
+    later = 1_000 + 600_000
+    gap = MAX_STEP_GAP_MS
+    idle_ms = int(flow.idle_close_s * 1000)
+    assert _tick(twins, later, later + idle_ms - gap - 1000) == []
+    assert _tick(twins, later + idle_ms - gap - 1000, later + idle_ms - gap)
 
 
 def _batched(offset: int, ts_ms: int, kafka_ms: int | None = None, **values: float) -> InputMessage:

@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.kafka import ensure_topics, reliable_producer
-from connectors.mqtt import new_client, session_properties
+from connectors.mqtt import login_hint, login_refused, new_client, session_properties
 from schemas import deadletter
 from twinflow.bridges.routing import InOrderAcks, Reject, route
 from twinflow.errors import TwinflowError
@@ -36,6 +36,10 @@ STATS_EVERY_S = 10.0
 
 class BridgeError(TwinflowError):
     """The bridge stopped because a message could not be delivered; nothing was acked."""
+
+
+class LoginRefusedError(BridgeError):
+    """The MQTT broker refused the bridge's credentials; retrying would not help."""
 
 
 @dataclass
@@ -59,6 +63,7 @@ class MqttBridge:
         self._acks = InOrderAcks()
         self._lock = threading.Lock()
         self._failure: str | None = None
+        self._refused: str | None = None
         self._stopping = threading.Event()
         self.subscribed = threading.Event()
         self._producer: Producer = reliable_producer(settings.kafka, error_cb=self._on_kafka_error)
@@ -82,7 +87,11 @@ class MqttBridge:
         return client
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Bridge until ``stop`` is set (or a delivery fails: then raise BridgeError)."""
+        """Bridge until ``stop`` is set (or a delivery fails: then raise BridgeError).
+
+        A broker that refuses the login raises LoginRefusedError at once; a broker that
+        cannot be reached is retried.
+        """
         stop = stop or threading.Event()
         ensure_topics(self.settings.kafka, ingest_topics(self.settings.topics))
         properties = session_properties(
@@ -100,13 +109,15 @@ class MqttBridge:
         poller.start()
         next_stats = time.monotonic() + STATS_EVERY_S
         try:
-            while not stop.is_set() and self._failure is None:
+            while not stop.is_set() and self._failure is None and self._refused is None:
                 stop.wait(0.2)
                 if time.monotonic() >= next_stats:
                     self._log_stats()
                     next_stats += STATS_EVERY_S
         finally:
             self._shutdown(poller)
+        if self._refused is not None:
+            raise LoginRefusedError(self._refused)
         if self._failure is not None:
             raise BridgeError(
                 f"{self._failure}. Unacknowledged messages stay in the broker's session "
@@ -133,9 +144,18 @@ class MqttBridge:
         _properties: Properties | None,
     ) -> None:
         if reason.is_failure:
-            log.error("MQTT connection refused: %s", reason)
-            if reason.value in (0x86, 0x87, 0x8C):  # bad credentials / not authorised
-                self._failure = f"MQTT broker refused the credentials: {reason}"
+            if login_refused(reason):
+                # A wrong login does not fix itself: stop (the caller exits non-zero)
+                # instead of knocking on the broker forever. Network errors are retried.
+                mqtt_settings = self.settings.mqtt
+                self._refused = (
+                    f"MQTT broker mqtt://{mqtt_settings.host}:{mqtt_settings.port} refused "
+                    f"the bridge's login: {reason} (CONNACK reason code {reason.value:#04x}); "
+                    f"{login_hint(mqtt_settings)}"
+                )
+                log.error("MQTT broker refused the login (%s); stopping", reason)
+            else:
+                log.error("MQTT connection refused: %s; retrying", reason)
             return
         log.info(
             "connected to mqtt://%s:%d as %s",
@@ -167,7 +187,7 @@ class MqttBridge:
         reason: ReasonCode,
         _properties: Properties | None,
     ) -> None:
-        if not self._stopping.is_set() and reason.is_failure:
+        if not self._stopping.is_set() and reason.is_failure and self._refused is None:
             log.warning("MQTT connection lost (%s); reconnecting", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -260,5 +280,8 @@ class MqttBridge:
 
 
 def run(settings: Settings, model: TwinModel, stop: threading.Event | None = None) -> None:
-    """Run the MQTT bridge until ``stop`` is set; raise BridgeError if Kafka fails."""
+    """Run the MQTT bridge until ``stop`` is set.
+
+    Raises BridgeError if Kafka fails, LoginRefusedError if the broker refuses the login.
+    """
     MqttBridge(settings, model).run(stop)

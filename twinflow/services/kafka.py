@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
 import subprocess
 import uuid
+from pathlib import Path
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
@@ -21,6 +29,13 @@ from twinflow.services.provision import (
 )
 
 NODE_ID = 1
+SASL_LISTENER = "SASL_PLAINTEXT"
+BROKER_USER = "twinflow-broker"
+"""The local broker's own SCRAM user (inter-broker listener); its password is random."""
+SCRAM_ITERATIONS = 8192
+_SCRAM_HASH = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
+# Characters StorageTool's --add-scram parser and the JAAS line pass through unharmed.
+_SCRAM_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,255}$")
 
 
 def new_cluster_id() -> str:
@@ -30,6 +45,43 @@ def new_cluster_id() -> str:
     22
     """
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def scram_stored_key(mechanism: str, password: str, salt: bytes, iterations: int) -> bytes:
+    """RFC 5802 StoredKey: what a SCRAM server keeps to check a password.
+
+    >>> len(scram_stored_key("SCRAM-SHA-512", "pencil", b"salt", 4096))
+    64
+    """
+    name = _SCRAM_HASH[mechanism]
+    salted = hashlib.pbkdf2_hmac(name, password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", name).digest()
+    return hashlib.new(name, client_key).digest()
+
+
+def scram_argument(mechanism: str, user: str, password: str, salt: bytes, iterations: int) -> str:
+    """A StorageTool ``--add-scram`` value carrying the salted password, not the password.
+
+    >>> scram_argument("SCRAM-SHA-256", "alice", "pw", b"salt", 4096)[:57]
+    'SCRAM-SHA-256=[name=alice,iterations=4096,salt="c2FsdA=="'
+    """
+    salted = hashlib.pbkdf2_hmac(_SCRAM_HASH[mechanism], password.encode(), salt, iterations)
+    return (
+        f'{mechanism}=[name={user},iterations={iterations},salt="{_b64(salt)}",'
+        f'saltedpassword="{_b64(salted)}"]'
+    )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (mode 0600 from the start)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode otherwise
+        file.write(text)
 
 
 class KafkaService(LocalService):
@@ -43,13 +95,22 @@ class KafkaService(LocalService):
         return {"kafka.port": kafka.port, "kafka.controller_port": kafka.controller_port}
 
     def endpoints(self) -> list[str]:
-        """The bootstrap address."""
-        return [f"bootstrap 127.0.0.1:{self.settings.kafka.port}"]
+        """The bootstrap address (and how clients authenticate)."""
+        kafka = self.settings.kafka
+        address = f"bootstrap 127.0.0.1:{kafka.port}"
+        if kafka.sasl:
+            address += f" ({kafka.security_protocol} {kafka.sasl_mechanism}, {kafka.sasl_username})"
+        return [address]
 
-    def _server_properties(self) -> str:
+    @property
+    def _sasl_file(self) -> Path:
+        # The broker user's password and the client user's StoredKey (mode 0600).
+        return self.home / "sasl.json"
+
+    def _server_properties(self, broker_password: str | None = None) -> str:
         kafka = self.settings.kafka
         data_dir = (self.home / "data").resolve()
-        properties = {
+        properties: dict[str, Any] = {
             "process.roles": "broker,controller",
             "node.id": NODE_ID,
             # Static voters (not a formatted dynamic quorum) keep the ports changeable.
@@ -72,7 +133,108 @@ class KafkaService(LocalService):
             "share.coordinator.state.topic.min.isr": 1,
             "group.initial.rebalance.delay.ms": 0,
         }
+        if broker_password is not None:
+            properties.update(self._sasl_properties(broker_password))
         return "".join(f"{key}={value}\n" for key, value in properties.items())
+
+    def _sasl_properties(self, broker_password: str) -> dict[str, Any]:
+        """Listener settings for SASL/SCRAM clients.
+
+        The client listener becomes SASL_PLAINTEXT/SCRAM; the controller stays loopback
+        PLAINTEXT; inter-broker traffic goes through the SASL listener as BROKER_USER.
+        """
+        kafka = self.settings.kafka
+        mechanism = kafka.sasl_mechanism
+        login = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{BROKER_USER}" password="{broker_password}";'
+        )
+        return {
+            "listeners": (
+                f"{SASL_LISTENER}://127.0.0.1:{kafka.port},"
+                f"CONTROLLER://127.0.0.1:{kafka.controller_port}"
+            ),
+            "advertised.listeners": f"{SASL_LISTENER}://127.0.0.1:{kafka.port}",
+            "inter.broker.listener.name": SASL_LISTENER,
+            "listener.security.protocol.map": (
+                f"{SASL_LISTENER}:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": mechanism,
+            "sasl.mechanism.inter.broker.protocol": mechanism,
+            f"listener.name.{SASL_LISTENER.lower()}.{mechanism.lower()}.sasl.jaas.config": login,
+        }
+
+    def _sasl_credentials(self, formatted: bool) -> tuple[str, list[str]]:
+        """The broker user's password and the ``--add-scram`` arguments for a format.
+
+        A new storage gets fresh credentials. A formatted one keeps those it was formatted
+        with (SCRAM users live in the metadata log); settings that no longer match them
+        are refused here, before the broker starts and every client fails to log in.
+        """
+        kafka = self.settings.kafka
+        user = kafka.sasl_username or ""
+        password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
+        if kafka.security_protocol != "SASL_PLAINTEXT":
+            raise ServiceError(
+                f"the local broker runs PLAINTEXT or SASL_PLAINTEXT, not "
+                f"{kafka.security_protocol}; set TWINFLOW_KAFKA__SECURITY_PROTOCOL="
+                "SASL_PLAINTEXT, or point TWINFLOW_KAFKA__BOOTSTRAP_SERVERS at a TLS broker "
+                "and do not start the local one"
+            )
+        if not _SCRAM_NAME.match(user) or user == BROKER_USER:
+            raise ServiceError(
+                f"TWINFLOW_KAFKA__SASL_USERNAME {user!r} cannot be a user of the local broker: "
+                f"use letters, digits and . _ @ - only, and not {BROKER_USER!r}"
+            )
+        mechanism = kafka.sasl_mechanism
+        if formatted:
+            return self._check_formatted_credentials(mechanism, user, password), []
+        broker_password = secrets.token_urlsafe(32)
+        salt, broker_salt = secrets.token_bytes(16), secrets.token_bytes(16)
+        record = {
+            "mechanism": mechanism,
+            "broker_password": broker_password,
+            "user": user,
+            "salt": _b64(salt),
+            "iterations": SCRAM_ITERATIONS,
+            "stored_key": _b64(scram_stored_key(mechanism, password, salt, SCRAM_ITERATIONS)),
+        }
+        write_private(self._sasl_file, json.dumps(record, indent=2) + "\n")
+        scram = [
+            scram_argument(mechanism, user, password, salt, SCRAM_ITERATIONS),
+            scram_argument(mechanism, BROKER_USER, broker_password, broker_salt, SCRAM_ITERATIONS),
+        ]
+        return broker_password, [arg for value in scram for arg in ("--add-scram", value)]
+
+    def _check_formatted_credentials(self, mechanism: str, user: str, password: str) -> str:
+        data_dir = self.home / "data"
+        reformat = (
+            f"Set TWINFLOW_KAFKA__SASL_USERNAME, TWINFLOW_KAFKA__SASL_PASSWORD and "
+            f"TWINFLOW_KAFKA__SASL_MECHANISM back to the values the storage was formatted "
+            f"with, or stop Kafka and delete {data_dir} to format it anew (this deletes "
+            f"every topic)."
+        )
+        try:
+            record = json.loads(self._sasl_file.read_text())
+            salt, stored_key = base64.b64decode(record["salt"]), record["stored_key"]
+            formatted_for = (str(record["mechanism"]), str(record["user"]))
+            iterations, broker_password = int(record["iterations"]), str(record["broker_password"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ServiceError(
+                f"the local Kafka storage {data_dir} was formatted without the SASL users "
+                f"twinflow records in {self._sasl_file} (formatted for PLAINTEXT?), so "
+                f"SASL_PLAINTEXT clients cannot log in. {reformat}"
+            ) from None
+        stored = scram_stored_key(mechanism, password, salt, iterations)
+        if formatted_for != (mechanism, user) or not hmac.compare_digest(
+            stored, base64.b64decode(stored_key)
+        ):
+            raise ServiceError(
+                f"the local Kafka storage {data_dir} holds SCRAM credentials for "
+                f"{formatted_for[0]} user {formatted_for[1]!r}; the settings ({mechanism}, "
+                f"user {user!r} and its password) do not match them. {reformat}"
+            )
+        return broker_password
 
     def prepare(self, progress: Progress) -> list[str]:
         """Fetch the jars, write server.properties, format the storage once."""
@@ -85,8 +247,13 @@ class KafkaService(LocalService):
             progress,
         )
         self.home.mkdir(parents=True, exist_ok=True)
+        formatted = (self.home / "data" / "meta.properties").exists()
+        broker_password: str | None = None
+        add_scram: list[str] = []
+        if self.settings.kafka.sasl:
+            broker_password, add_scram = self._sasl_credentials(formatted)
         config = self.home / "server.properties"
-        config.write_text(self._server_properties())
+        write_private(config, self._server_properties(broker_password))
         classpath = f"{lib.resolve()}/*"
         java_argv = [
             java,
@@ -99,7 +266,7 @@ class KafkaService(LocalService):
             "-cp",
             classpath,
         ]
-        if not (self.home / "data" / "meta.properties").exists():
+        if not formatted:
             progress("formatting Kafka storage (first run only)")
             format_argv = [
                 *java_argv,
@@ -110,7 +277,16 @@ class KafkaService(LocalService):
                 "--config",
                 str(config),
             ]
-            result = subprocess.run(format_argv, capture_output=True, text=True, check=False)
+            # SCRAM users go in an argument file (argparse's @file), never on a command
+            # line other local users can read in /proc.
+            scram_file = self.home / "format-scram.args"
+            if add_scram:
+                write_private(scram_file, "".join(f"{arg}\n" for arg in add_scram))
+                format_argv.append(f"@{scram_file}")
+            try:
+                result = subprocess.run(format_argv, capture_output=True, text=True, check=False)
+            finally:
+                scram_file.unlink(missing_ok=True)
             if result.returncode != 0:
                 raise ServiceError(
                     f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}"

@@ -35,7 +35,8 @@ class MosquittoService(LocalService):
             # private state folder.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
             f"listener {mqtt_settings.port} 127.0.0.1",
-            "allow_anonymous true",
+            # With a password file every client must log in; the ACL then limits topics.
+            f"allow_anonymous {'true' if mqtt_settings.password_file is None else 'false'}",
             "persistence true",
             f"persistence_location {data_dir}/",
             "autosave_interval 10",
@@ -47,6 +48,10 @@ class MosquittoService(LocalService):
             "log_type information",
             "connection_messages false",
         ]
+        if mqtt_settings.password_file is not None:
+            lines.append(f"password_file {mqtt_settings.password_file.resolve()}")
+        if mqtt_settings.acl_file is not None:
+            lines.append(f"acl_file {mqtt_settings.acl_file.resolve()}")
         return "\n".join(lines) + "\n"
 
     def prepare(self, progress: Progress) -> list[str]:

@@ -143,6 +143,14 @@ def terminate(pid: int, timeout_s: float) -> None:
         os.kill(pid, signal.SIGTERM)
     if _wait_gone(pid, start_ticks, timeout_s):
         return
+    crash(pid)
+
+
+def crash(pid: int) -> None:
+    """SIGKILL ``pid`` (no shutdown at all, as a power cut would); return once it is gone."""
+    start_ticks = process_start_ticks(pid)
+    if start_ticks is None:
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     if not _wait_gone(pid, start_ticks, 10.0):

@@ -45,7 +45,10 @@ class QuestDBService(LocalService):
             "line.udp.enabled": "false",
             "telemetry.enabled": "false",
         }
-        return "".join(f"{key}={value}\n" for key, value in conf.items())
+        if q.http_auth is not None:
+            # HTTP basic auth on REST, ILP over HTTP and the console (QuestDB OSS).
+            conf["http.user"], conf["http.password"] = q.http_auth
+        return "".join(f"{key}={_property(value)}\n" for key, value in conf.items())
 
     def prepare(self, progress: Progress) -> list[str]:
         """Fetch the jar and write conf/server.conf under the data root."""
@@ -82,3 +85,22 @@ class QuestDBService(LocalService):
         except QuestDBError:
             return False
         return result.rows == ((1,),)
+
+
+def _property(value: str) -> str:
+    r"""``value`` escaped for a Java properties file (server.conf is read as one).
+
+    >>> print(_property(r" p\w;d=é"))
+    \ p\\w;d=\u00e9
+    """
+    escaped = []
+    for char in value.replace("\\", "\\\\"):
+        if 0x20 <= ord(char) < 0x7F:
+            escaped.append(char)
+        else:  # \uXXXX of each UTF-16 code unit (surrogate pairs above U+FFFF)
+            units = char.encode("utf-16-be")
+            escaped.extend(
+                f"\\u{int.from_bytes(units[i : i + 2]):04x}" for i in range(0, len(units), 2)
+            )
+    text = "".join(escaped)
+    return "\\" + text if text.startswith(" ") else text
