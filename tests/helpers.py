@@ -65,6 +65,34 @@ def isolated_settings(base: Settings, state_dir: Path) -> Settings:
     )
 
 
+def isolated_env(base: Settings, state_dir: Path) -> dict[str, str]:
+    """:func:`isolated_settings` as the environment of a ``twinflow`` process."""
+    settings = isolated_settings(base, state_dir)
+    env = clean_env(
+        state_dir=str(settings.state_dir),
+        lib_dir=str(settings.jar_dir),
+        kafka__heap=settings.kafka.heap,
+        questdb__heap=settings.questdb.heap,
+    )
+    env.update(
+        {
+            f"TWINFLOW_{name.upper().replace('.', '__')}": str(port)
+            for name, port in settings.local_ports().items()
+        }
+    )
+    return env
+
+
+def cause_of(exc: BaseException, kind: type[BaseException]) -> BaseException:
+    """The ``kind`` exception Bytewax wrapped (BytewaxRuntimeError chains the original)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
+
+
 def consume_all(
     kafka: KafkaSettings, topic: str, expected: int | None = None, idle_s: float = 5.0
 ) -> list[Message]:

@@ -26,7 +26,7 @@ from pydantic import SecretStr
 
 from connectors.questdb import QuestDBAuthError, QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkAuthError, table_frame
-from tests.helpers import clean_env, isolated_settings, twinflow_cli
+from tests.helpers import cause_of, clean_env, isolated_settings, twinflow_cli
 from twinflow.services import manager
 from twinflow.services.questdb import QuestDBService
 from twinflow.settings import QuestDBSettings, Settings, env_name
@@ -112,16 +112,6 @@ def _count(sql: QuestDBHttp, spec: TableSpec) -> int:
         time.sleep(0.1)
 
 
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException:
-    """The ``kind`` exception Bytewax wrapped (BytewaxRuntimeError chains the original)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
-
-
 def _squeezed(text: str) -> str:
     # Rich wraps lines anywhere; compare with all whitespace gone.
     return "".join(text.split())
@@ -182,7 +172,7 @@ def test_the_sink_is_refused_at_once_and_writes_nothing(
         _run([_readings(table, 0, 40), _readings(table, 40, 10)], questdb)
     elapsed = time.monotonic() - started
     assert elapsed < REFUSED_WITHIN_S, f"refused only after {elapsed:.1f} s (retried?)"
-    error = _cause(raised.value, QuestDBSinkAuthError)
+    error = cause_of(raised.value, QuestDBSinkAuthError)
     message = str(error)
     assert message.startswith("authentication failed: ")
     assert "[code: 401]" not in message and "(HTTP 401)" in message

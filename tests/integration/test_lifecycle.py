@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from connectors.questdb import QuestDBError, QuestDBHttp
-from tests.helpers import clean_env, free_ports, twinflow_cli
+from tests.helpers import isolated_env as isolated_stack_env
+from tests.helpers import twinflow_cli
 from twinflow.services.process import port_is_free, process_start_ticks
 from twinflow.settings import Settings
 
@@ -20,22 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def isolated_env(stack: Settings, tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for a second stack: own state folder, own free ports, shared jars."""
-    ports = free_ports(7)
-    names = [
-        "KAFKA__PORT",
-        "KAFKA__CONTROLLER_PORT",
-        "QUESTDB__HTTP_PORT",
-        "QUESTDB__PG_PORT",
-        "QUESTDB__ILP_TCP_PORT",
-        "QUESTDB__MIN_HTTP_PORT",
-        "MQTT__PORT",
-    ]
-    env = clean_env()
-    env.update({f"TWINFLOW_{name}": str(port) for name, port in zip(names, ports, strict=True)})
-    env["TWINFLOW_STATE_DIR"] = str(tmp_path / "state")
-    env["TWINFLOW_LIB_DIR"] = str(stack.jar_dir)
-    env["TWINFLOW_KAFKA__HEAP"] = "512m"
-    env["TWINFLOW_QUESTDB__HEAP"] = "512m"
+    env = isolated_stack_env(stack, tmp_path / "state")
     yield env
     twinflow_cli(env, "down")  # never leave a process behind, even when an assert failed
 

@@ -20,7 +20,7 @@ from connectors.kafka import KafkaRecord, TopicSpec, client_config, ensure_topic
 from connectors.kafka_sink import KafkaOutputSink, KafkaSinkError
 from connectors.questdb import QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkError, table_frame
-from tests.helpers import consume_all, free_ports
+from tests.helpers import cause_of, consume_all, free_ports
 from twinflow.settings import Settings
 from twinflow.tables import ANOMALIES, READINGS, TWIN_STATE
 
@@ -43,16 +43,6 @@ def _run(flow: Dataflow, workers: int = 1) -> None:
         run_main(flow)
     else:
         cluster_main(flow, [], 0, worker_count_per_proc=workers)
-
-
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException:
-    """The ``kind`` exception Bytewax wrapped (BytewaxRuntimeError chains the original)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
 
 
 # --- QuestDB -------------------------------------------------------------------------
@@ -201,7 +191,7 @@ def test_questdb_sink_raises_when_questdb_rejects_a_batch(
     bad_frame["value"] = pd.array(["not a number"] * 10, dtype="string")
     with pytest.raises(Exception) as raised:
         _run(_flow([TableBatch(readings, bad_frame)], QuestDBSink(stack.questdb)))
-    error = _cause(raised.value, QuestDBSinkError)
+    error = cause_of(raised.value, QuestDBSinkError)
     message = str(error)
     assert f"10 rows ({readings.name}: 10)" in message
     assert "cast error" in message
@@ -218,11 +208,11 @@ def test_questdb_sink_raises_when_questdb_is_unreachable(
     # At start the sender asks the server for its ILP version: the flow cannot start.
     with pytest.raises(Exception) as raised:
         _run(_flow(batches, QuestDBSink(closed)))
-    assert "cannot reach QuestDB" in str(_cause(raised.value, QuestDBSinkError))
+    assert "cannot reach QuestDB" in str(cause_of(raised.value, QuestDBSinkError))
     # With the version pinned nothing is sent before the first flush, which then fails.
     with pytest.raises(Exception) as raised:
         _run(_flow(batches, QuestDBSink(closed, protocol_version=2, retry_timeout=0)))
-    assert "QuestDB did not take 5 rows" in str(_cause(raised.value, QuestDBSinkError))
+    assert "QuestDB did not take 5 rows" in str(cause_of(raised.value, QuestDBSinkError))
 
 
 # --- Kafka ---------------------------------------------------------------------------
@@ -268,7 +258,7 @@ def test_kafka_sink_raises_when_a_delivery_fails(
     with pytest.raises(Exception) as raised:
         _run(_flow(records, sink))
     assert time.monotonic() - started < 20
-    message = str(_cause(raised.value, KafkaSinkError))
+    message = str(cause_of(raised.value, KafkaSinkError))
     assert f"topic {typo!r}" in message
     assert "Unknown topic" in message or "timed out" in message, message
     _missing_topic(stack, typo)
@@ -290,7 +280,7 @@ def test_kafka_sink_raises_when_reports_do_not_arrive_in_time(stack: Settings, u
     sink = KafkaOutputSink(stack.kafka, flush_timeout_s=1, overrides={"message.timeout.ms": 60_000})
     with pytest.raises(Exception) as raised:
         _run(_flow([KafkaRecord(typo, None, b"x")], sink))
-    message = str(_cause(raised.value, KafkaSinkError))
+    message = str(cause_of(raised.value, KafkaSinkError))
     assert "1 of 1 messages to [" in message
     assert "got no delivery report within 1 s" in message
     assert typo in message

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from tests.helpers import clean_env, free_ports, twinflow_cli
+from tests.helpers import clean_env, isolated_env, twinflow_cli
 from twinflow.errors import ConfigError
 from twinflow.services.mosquitto import MosquittoService
 from twinflow.services.provision import find_executable
@@ -258,22 +258,7 @@ def canary_stack(
     if "security_protocol" in KafkaSettings.model_fields:
         # The broker's SCRAM setup (credentials in its storage, JAAS) logs nothing secret.
         env["TWINFLOW_KAFKA__SECURITY_PROTOCOL"] = "SASL_PLAINTEXT"
-    names = [
-        "KAFKA__PORT",
-        "KAFKA__CONTROLLER_PORT",
-        "QUESTDB__HTTP_PORT",
-        "QUESTDB__PG_PORT",
-        "QUESTDB__ILP_TCP_PORT",
-        "QUESTDB__MIN_HTTP_PORT",
-        "MQTT__PORT",
-    ]
-    env.update(
-        {f"TWINFLOW_{name}": str(port) for name, port in zip(names, free_ports(7), strict=True)}
-    )
-    env["TWINFLOW_STATE_DIR"] = str(tmp_path / "state")
-    env["TWINFLOW_LIB_DIR"] = str(stack.jar_dir)
-    env["TWINFLOW_KAFKA__HEAP"] = "512m"
-    env["TWINFLOW_QUESTDB__HEAP"] = "512m"
+    env.update(isolated_env(stack, tmp_path / "state"))
     yield env
     twinflow_cli(env, "down")  # never leave a process behind, even when an assert failed
 
