@@ -98,8 +98,9 @@ DEADLETTERS = TableSpec(
         ("payload_excerpt", "VARCHAR"),
     ),
     timestamp="ts",
-    # One message can have several bad readings, each its own letter: detail tells them apart.
-    dedup_keys=("ts", "source", "kafka_offset", "payload_sha256", "detail"),
+    # A Kafka message is (topic, partition, offset); one message can have several bad
+    # readings, each its own letter: detail tells them apart.
+    dedup_keys=("ts", "source", "kafka_partition", "kafka_offset", "payload_sha256", "detail"),
 )
 
 

@@ -113,15 +113,24 @@ def test_a_fuzzed_corpus_through_the_real_flow_is_dead_lettered_exactly(
     )
     producer = Producer(client_config(settings_.kafka, **{"message.max.bytes": 12_000_000}))
     failures: list[object] = []
+
+    def report(error: object, _message: object) -> None:
+        if error is not None:
+            failures.append(error)
+
+    # The same empty message at offset 0 of every partition, at the same time: dead
+    # letters that differ only in their partition, all of which must be kept.
+    stamp = wall_ms()
+    for partition in range(PARTITIONS):
+        producer.produce(topic, b"", partition=partition, timestamp=stamp, on_delivery=report)
     # Keyed by entity, like a bridge does; good ones twice (the second copy is a
     # duplicate, kept once), bad ones between.
     keyed = [(ENTITIES[i % len(ENTITIES)], payload) for i, payload in enumerate(good)]
     bad = [(None, payload) for payload in corpus]
     for key, payload in [*keyed[:1000], *bad, *keyed, *keyed[1000:]]:
-        producer.produce(
-            topic, payload, key=key, on_delivery=lambda e, _m: failures.append(e) if e else None
-        )
+        producer.produce(topic, payload, key=key, on_delivery=report)
         producer.poll(0)
+    corpus.extend([b""] * PARTITIONS)
     assert producer.flush(60) == 0 and not failures, failures[:3]
 
     model = chaos_dir / "fuzz-model.yaml"
