@@ -218,11 +218,15 @@ def own_broker(stack: Settings, plant: Plant, tmp_path: Path) -> Iterator[Settin
 
 
 @pytest.mark.parametrize(
-    ("kills", "restart_broker"),
+    ("kills", "restart_broker", "burst_s"),
     [
-        pytest.param(2, False, id="two-kills"),
+        pytest.param(2, False, 40, id="two-kills"),
         pytest.param(
-            5, True, id="five-kills-and-broker-restart", marks=[pytest.mark.chaos, pytest.mark.soak]
+            5,
+            True,
+            160,
+            id="five-kills-and-broker-restart",
+            marks=[pytest.mark.chaos, pytest.mark.soak],
         ),
     ],
 )
@@ -234,11 +238,17 @@ def test_bridge_killed_mid_burst_loses_nothing(
     chaos_table: list[dict[str, object]],
     kills: int,
     restart_broker: bool,
+    burst_s: int,
 ) -> None:
     broker = request.getfixturevalue("own_broker") if restart_broker else stack
     bridges.append(Bridge(plant, "bridge-1"))
     simulator = subprocess.Popen(
-        [sys.executable, "-m", "twinflow", *_simulate(plant, "--duration", "40", "--rate", "2000")],
+        [
+            sys.executable,
+            "-m",
+            "twinflow",
+            *_simulate(plant, "--duration", str(burst_s), "--rate", "2000"),
+        ],
         env=plant.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
