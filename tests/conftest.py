@@ -54,7 +54,7 @@ def chaos_table(request: pytest.FixtureRequest) -> list[dict[str, object]]:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """Print and save the chaos table when chaos recipes ran."""
-    rows = config.stash.get(_CHAOS_ROWS, [])
+    rows = sorted(config.stash.get(_CHAOS_ROWS, []), key=_recipe_number)
     if not rows:
         return
     lines = [
@@ -70,3 +70,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     for line in lines:
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"written to {out}/report.md and report.json")
+
+
+def _recipe_number(row: dict[str, object]) -> int:
+    """A row's recipe number (its fault reads "N. ..."), for the table's order."""
+    number = str(row["fault"]).split(".", 1)[0]
+    return int(number) if number.isdigit() else 99

@@ -83,6 +83,18 @@ def isolated_env(base: Settings, state_dir: Path) -> dict[str, str]:
     return env
 
 
+def refusal_row(fault: str, exit_code: int, elapsed_s: float) -> dict[str, object]:
+    """A chaos table row for security recipe 10: what was refused, how, how fast."""
+    return {
+        "fault": f"10. {fault}",
+        "runs": 1,
+        "lost": 0,
+        "duplicates": 0,
+        "mismatches": 0,
+        "notes": f"refused: exit code {exit_code} after {elapsed_s:.1f} s",
+    }
+
+
 def cause_of(exc: BaseException, kind: type[BaseException]) -> BaseException:
     """The ``kind`` exception Bytewax wrapped (BytewaxRuntimeError chains the original)."""
     seen: BaseException | None = exc

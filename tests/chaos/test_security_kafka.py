@@ -33,7 +33,7 @@ from connectors.kafka import (
     ensure_topics,
     reliable_producer,
 )
-from tests.helpers import clean_env, free_ports, isolated_settings, twinflow_cli
+from tests.helpers import clean_env, free_ports, isolated_settings, refusal_row, twinflow_cli
 from twinflow.errors import ServiceError
 from twinflow.services import manager
 from twinflow.settings import KafkaSettings, Settings
@@ -126,7 +126,9 @@ def test_secrets_stay_out_of_the_broker_files(sasl_broker: Settings) -> None:
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
-def test_wrong_password_fails_twinflow_run_fast(sasl_broker: Settings, tmp_path: Path) -> None:
+def test_wrong_password_fails_twinflow_run_fast(
+    sasl_broker: Settings, tmp_path: Path, chaos_table: list[dict[str, object]]
+) -> None:
     kafka = sasl_broker.kafka
     # Unused ports for everything else: if Kafka let it through, `run` must not reach
     # the session's QuestDB either.
@@ -148,6 +150,9 @@ def test_wrong_password_fails_twinflow_run_fast(sasl_broker: Settings, tmp_path:
     started = time.monotonic()
     result = twinflow_cli(env, "run", timeout=60)  # a hang raises TimeoutExpired
     elapsed = time.monotonic() - started
+    chaos_table.append(
+        refusal_row("twinflow run, Kafka SASL/SCRAM, wrong password", result.returncode, elapsed)
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert elapsed < 60
     message = " ".join(result.stderr.split())

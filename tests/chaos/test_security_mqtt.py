@@ -25,7 +25,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
 from connectors.mqtt import login_refused, new_client
-from tests.helpers import clean_env, isolated_settings, twinflow_cli, wait_for_line
+from tests.helpers import (
+    clean_env,
+    isolated_settings,
+    refusal_row,
+    twinflow_cli,
+    wait_for_line,
+)
 from twinflow.services import manager
 from twinflow.services.provision import find_executable
 from twinflow.settings import KafkaSettings, MqttSettings, Settings
@@ -206,13 +212,7 @@ def test_bridge_with_a_wrong_password_exits_fast_naming_the_settings(
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     message = " ".join(result.stderr.split())  # rich wraps long lines
-    chaos_table.append(
-        {
-            "fault": "MQTT bridge with a wrong password",
-            "runs": 1,
-            "notes": f"exit {result.returncode} after {elapsed:.1f} s",
-        }
-    )
+    chaos_table.append(refusal_row("MQTT bridge with a wrong password", result.returncode, elapsed))
     assert result.returncode == 1, output[-3000:]
     assert elapsed < 30
     assert f"mqtt://127.0.0.1:{broker.settings.mqtt.port} refused the bridge's login" in message
@@ -273,9 +273,12 @@ def test_acl_denied_publish_reaches_no_subscriber(
         received = [(m.topic, m.payload) for m in observer.messages]
         chaos_table.append(
             {
-                "fault": "MQTT publish outside the user's ACL",
+                "fault": "10. MQTT QoS 1 publish outside the user's ACL",
                 "runs": 1,
-                "notes": f"observer received {received}",
+                "lost": 0,
+                "duplicates": 0,
+                "mismatches": 0,
+                "notes": f"an observer of # received only {received}",
             }
         )
         assert received == [(allowed_topic, b"allowed")]

@@ -26,7 +26,7 @@ from pydantic import SecretStr
 
 from connectors.questdb import QuestDBAuthError, QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkAuthError, table_frame
-from tests.helpers import cause_of, clean_env, isolated_settings, twinflow_cli
+from tests.helpers import cause_of, clean_env, isolated_settings, refusal_row, twinflow_cli
 from twinflow.services import manager
 from twinflow.services.questdb import QuestDBService
 from twinflow.settings import QuestDBSettings, Settings, env_name
@@ -186,7 +186,7 @@ def test_the_sink_is_refused_at_once_and_writes_nothing(
 
 
 def test_twinflow_run_with_a_wrong_password_exits_at_once(
-    stack: Settings, secured: Settings, tmp_path: Path
+    stack: Settings, secured: Settings, tmp_path: Path, chaos_table: list[dict[str, object]]
 ) -> None:
     suffix = uuid.uuid4().hex[:10]
     env = clean_env(
@@ -209,6 +209,9 @@ def test_twinflow_run_with_a_wrong_password_exits_at_once(
     started = time.monotonic()
     result = twinflow_cli(env, "run", timeout=60)
     elapsed = time.monotonic() - started
+    chaos_table.append(
+        refusal_row("twinflow run, QuestDB basic auth, wrong password", result.returncode, elapsed)
+    )
     output = _squeezed(result.stdout + result.stderr)
     assert result.returncode == 1, result.stderr[-3000:]
     assert elapsed < 60

@@ -508,8 +508,9 @@ def _refused(settings: Settings, model: TwinModel) -> OpcUaSecurityError:
     return errors[0]
 
 
+@pytest.mark.chaos
 def test_basic256sha256_with_password_and_pinned_server(
-    bridged: Settings, model: TwinModel, tmp_path: Path
+    bridged: Settings, model: TwinModel, tmp_path: Path, chaos_table: list[dict[str, object]]
 ) -> None:
     server_uri = "urn:twinflow:test:server"
     server_cert, server_key = _certificate(
@@ -544,6 +545,18 @@ def test_basic256sha256_with_password_and_pinned_server(
         _refused(variant(password=SecretStr("wrong")), model)
         error = _refused(variant(security="none"), model)
         assert "offers no" in str(error) and "SecurityPolicy#None" in str(error)
+        chaos_table.append(
+            {
+                "fault": "10. OPC UA bridge: impostor server certificate, wrong password, "
+                "policy None",
+                "runs": 3,
+                "lost": 0,
+                "duplicates": 0,
+                "mismatches": 0,
+                "notes": "each refused with OpcUaSecurityError; an unpinned server is refused "
+                "at settings load",
+            }
+        )
 
         with _BridgeThread(settings, model):
             topic.wait_for(
