@@ -9,7 +9,7 @@ help:
 	@echo "make test   - install everything, then lint, type-check and run all tests"
 	@echo "make up | down | status - manage the local services"
 	@echo "make evaluate - detection quality on SKAB's labeled pump data (no services needed)"
-	@echo "make chaos  - every fault and security recipe (about 25 min), then the chaos table"
+	@echo "make chaos  - every fault and security recipe (about 13 min), then the chaos table"
 
 venv:
 	@bash infra/bootstrap.sh
