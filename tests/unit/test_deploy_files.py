@@ -1,0 +1,187 @@
+"""The deployment files, checked statically (no container engine runs here): they parse,
+pin their images, name only real settings with valid values, and agree on ports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from twinflow.settings import (
+    ENV_NESTED_DELIMITER,
+    ENV_PREFIX,
+    QuestDBSettings,
+    Settings,
+    load_settings,
+)
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+COMPOSE = INFRA / "compose.yaml"
+K8S = sorted((INFRA / "k8s").glob("*.yaml"))
+PINNED = re.compile(r"^[\w./-]+:\d+(\.\d+)+([\w.-]*)$")
+
+
+def _documents() -> list[dict[str, Any]]:
+    return [doc for path in K8S for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in _documents() if doc["kind"] == kind]
+
+
+def _containers() -> list[dict[str, Any]]:
+    return [
+        container
+        for doc in _documents()
+        if doc["kind"] in ("Deployment", "StatefulSet")
+        for container in doc["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return compose
+
+
+def _is_setting(name: str) -> bool:
+    """Whether ``TWINFLOW_A__B`` names a field of the settings object."""
+    model: type[BaseModel] | None = Settings
+    for part in name.removeprefix(ENV_PREFIX).lower().split(ENV_NESTED_DELIMITER):
+        if model is None or part not in model.model_fields:
+            return False
+        annotation = model.model_fields[part].annotation
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return True
+
+
+def _twinflow_env() -> dict[str, dict[str, str]]:
+    """Every place that sets TWINFLOW_* variables, with what it sets."""
+    places = {
+        f"compose {name}": dict(service.get("environment", {}))
+        for name, service in _compose()["services"].items()
+    }
+    for doc in _kind("ConfigMap"):
+        places[f"ConfigMap {doc['metadata']['name']}"] = doc["data"]
+    for doc in _kind("Secret"):
+        places[f"Secret {doc['metadata']['name']}"] = doc["stringData"]
+    for container in _containers():
+        places[f"container {container['name']}"] = {
+            item["name"]: item["value"] for item in container.get("env", [])
+        }
+    return {
+        place: {key: str(value) for key, value in env.items() if key.startswith(ENV_PREFIX)}
+        for place, env in places.items()
+    }
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    images = [service["image"] for service in _compose()["services"].values()]
+    images += [container["image"] for container in _containers()]
+    images += re.findall(r"^FROM (\S+)", (INFRA / "Dockerfile").read_text(), re.MULTILINE)
+    assert len(images) >= 10
+    unpinned = [image for image in images if not PINNED.match(image)]
+    assert not unpinned, f"images without a version tag: {unpinned}"
+
+
+def test_every_twinflow_variable_is_a_setting() -> None:
+    env = _twinflow_env()
+    assert sum(len(values) for values in env.values()) >= 20
+    unknown = {
+        place: [name for name in values if not _is_setting(name)] for place, values in env.items()
+    }
+    assert not any(unknown.values()), unknown
+    assert _is_setting("TWINFLOW_KAFKA__SASL_PASSWORD")
+    assert not _is_setting("TWINFLOW_KAFKA__SASL_PASWORD")
+
+
+def test_the_settings_they_give_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = _twinflow_env()
+    k8s = env["ConfigMap twinflow-settings"] | env["Secret twinflow-credentials"]
+    for values in (env["compose flow"], k8s):
+        with monkeypatch.context() as patch:
+            for name, value in values.items():
+                patch.setenv(name, value)
+            settings = load_settings()
+        assert settings.kafka.bootstrap == values["TWINFLOW_KAFKA__BOOTSTRAP_SERVERS"]
+    assert settings.kafka.sasl and settings.questdb.http_auth is not None
+
+
+def test_compose_ports_agree_with_the_settings() -> None:
+    services = _compose()["services"]
+    env = services["flow"]["environment"]
+    host, port = env["TWINFLOW_KAFKA__BOOTSTRAP_SERVERS"].split(":")
+    assert host == "kafka"
+    assert (
+        f"PLAINTEXT://kafka:{port}"
+        in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    )
+    assert env["TWINFLOW_QUESTDB__HOST"] in services
+    assert any(
+        p.endswith(f":{env['TWINFLOW_QUESTDB__HTTP_PORT']}") for p in services["questdb"]["ports"]
+    )
+    assert env["TWINFLOW_MQTT__HOST"] in services
+    assert any(p.endswith(f":{env['TWINFLOW_MQTT__PORT']}") for p in services["mosquitto"]["ports"])
+    # Published ports stay on loopback: a laptop's demo is not the network's.
+    for service in services.values():
+        assert all(str(p).startswith("127.0.0.1:") for p in service.get("ports", []))
+
+
+def test_the_flow_statefulset_addresses_every_pod_by_its_stable_name() -> None:
+    (statefulset,) = _kind("StatefulSet")
+    (service,) = [doc for doc in _kind("Service") if doc["spec"].get("clusterIP") == "None"]
+    name = statefulset["metadata"]["name"]
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert int(env["FLOW_PROCESSES"]) == statefulset["spec"]["replicas"]
+    script = container["args"][0]
+    port = container["ports"][0]["containerPort"]
+    assert f"{name}-$i.{service['metadata']['name']}:{port}" in script
+    assert service["spec"]["ports"][0]["port"] == port
+    assert '-i "${HOSTNAME##*-}"' in script
+    # Each pod its own recovery store, where the settings put it.
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    (mount,) = container["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"]
+    state_dir = _kind("ConfigMap")[0]["data"]["TWINFLOW_STATE_DIR"]
+    assert mount["mountPath"] == state_dir
+
+
+def test_the_image_copies_only_what_exists() -> None:
+    root = INFRA.parent
+    sources = re.findall(r"^COPY (.+) \S+$", (INFRA / "Dockerfile").read_text(), re.MULTILINE)
+    missing = [s for line in sources for s in line.split() if not (root / s).exists()]
+    assert sources and not missing, missing
+
+
+def test_compose_mounts_only_files_that_exist() -> None:
+    mounts = [
+        volume.split(":")[0]
+        for service in _compose()["services"].values()
+        for volume in service.get("volumes", [])
+        if volume.startswith("./")
+    ]
+    assert mounts
+    missing = [mount for mount in mounts if not (INFRA / mount).exists()]
+    assert not missing, missing
+
+
+def test_the_grafana_data_source_is_the_compose_questdb() -> None:
+    (source,) = yaml.safe_load(
+        (INFRA / "grafana" / "provisioning" / "datasources" / "questdb.yaml").read_text()
+    )["datasources"]
+    host, port = source["url"].split(":")
+    questdb = _compose()["services"][host]
+    assert any(str(p).endswith(f":{port}") for p in questdb["ports"])
+    defaults = QuestDBSettings()  # the defaults, whatever this shell exports
+    assert int(port) == defaults.pg_port
+    assert source["user"] == defaults.pg_user
+    assert source["secureJsonData"]["password"] == defaults.pg_password.get_secret_value()
