@@ -28,6 +28,7 @@ import yaml
 
 from connectors.questdb import QuestDBError, QuestDBHttp
 from schemas.raw import SchemaError, decode_raw
+from tests.grafana import dashboards, panel_queries, render
 from tests.helpers import (
     clean_env,
     consume_all,
@@ -374,3 +375,51 @@ def test_two_processes_write_what_one_process_wrote(stack: Settings, pipeline: R
         two = _frame(stack, f"SELECT {columns} FROM '{prefix}{table}'{stale} ORDER BY {columns}")
         assert len(one) > 0, table
         pd.testing.assert_frame_equal(one, two, obj=table)
+
+
+PANEL_COLUMNS = {
+    "Entities by status": ("status", "entities"),
+    "Health by entity (latest)": ("entity", "health", "status"),
+    "Anomalies": ("time", "entity", "score", "threshold", "top_sensors", "explanation"),
+    "Dead letters by reason": ("reason", "letters"),
+    "Late readings per entity (latest count)": ("entity", "late"),
+    "Ingest rate (readings/s, event time)": ("time", "readings_per_s"),
+    "Clean readings (10 s mean per sensor)": ("time", "sensor", "value"),
+    "Window mean, min and max per sensor": ("time", "sensor", "mean", "min", "max"),
+    "Anomalies and their explanation": ("time", "score", "threshold", "top_sensors", "explanation"),
+    "Status and health": ("time", "status", "health"),
+}
+
+
+def test_every_dashboard_panel_query_runs_on_the_flow_output(
+    stack: Settings, pipeline: Run
+) -> None:
+    """Each panel's SQL, rendered as Grafana would for a range from the run's first
+    reading to now and an entity with anomalies, succeeds with the columns the panel
+    shows and at least one row. (Dead letters carry their arrival time, which is now
+    for this backfilled plant; live, event time and arrival time are close.)"""
+    sql = QuestDBHttp(stack.questdb)
+    start, end = pipeline.start, datetime.now(UTC) + timedelta(minutes=1)
+    (entity,) = sql.exec(f'SELECT entity FROM "{pipeline.prefix}anomalies" LIMIT 1').rows[0]
+    variables = {"entity": entity}
+    queries = list(panel_queries())
+    assert {title for _board, title, _sql in queries} == PANEL_COLUMNS.keys()
+    problems = []
+    for board, title, query in queries:
+        rendered = render(query, start, end, variables, pipeline.prefix)
+        try:
+            result = sql.exec(rendered)
+        except QuestDBError as exc:
+            problems.append(f"{board} / {title}: {exc}")
+            continue
+        if result.column_names != PANEL_COLUMNS[title]:
+            problems.append(f"{board} / {title}: columns {result.column_names}")
+        if not result.rows:
+            problems.append(f"{board} / {title}: no rows\n{rendered}")
+    for board, dashboard in dashboards().items():
+        for variable in dashboard["templating"]["list"]:
+            rendered = render(variable["query"], start, end, variables, pipeline.prefix)
+            values = [row[0] for row in sql.exec(rendered).rows]
+            if entity not in values:
+                problems.append(f"{board}: variable {variable['name']} offers {values}")
+    assert not problems, "\n".join(problems)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from tests.grafana import dashboards
 from twinflow.settings import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
@@ -185,3 +186,29 @@ def test_the_grafana_data_source_is_the_compose_questdb() -> None:
     assert int(port) == defaults.pg_port
     assert source["user"] == defaults.pg_user
     assert source["secureJsonData"]["password"] == defaults.pg_password.get_secret_value()
+
+
+def test_dashboards_are_well_formed_and_use_the_provisioned_data_source() -> None:
+    (source,) = yaml.safe_load(
+        (INFRA / "grafana" / "provisioning" / "datasources" / "questdb.yaml").read_text()
+    )["datasources"]
+    boards = dashboards()
+    assert {"plant-overview.json", "entity.json"} <= boards.keys()
+    assert len({board["uid"] for board in boards.values()}) == len(boards)
+    for name, board in boards.items():
+        ids = [panel["id"] for panel in board["panels"]]
+        assert len(ids) == len(set(ids)), f"{name}: panel ids repeat"
+        variables = {variable["name"] for variable in board["templating"]["list"]}
+        for panel in board["panels"]:
+            uids = {panel["datasource"]["uid"]} | {t["datasource"]["uid"] for t in panel["targets"]}
+            assert uids == {source["uid"]}, f"{name} / {panel['title']}: data source {uids}"
+            for target in panel["targets"]:
+                used = set(re.findall(r"\$(?!__)(\w+)", target["rawSql"]))
+                assert used <= variables, f"{name} / {panel['title']}: undefined {used}"
+        for variable in board["templating"]["list"]:
+            assert variable["datasource"]["uid"] == source["uid"]
+    provider = yaml.safe_load(
+        (INFRA / "grafana" / "provisioning" / "dashboards" / "twinflow.yaml").read_text()
+    )["providers"][0]
+    grafana = _compose()["services"]["grafana"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in grafana["volumes"]
