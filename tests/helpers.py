@@ -14,6 +14,7 @@ import pandas as pd
 from confluent_kafka import Consumer, Message
 
 from connectors.kafka import client_config
+from connectors.questdb import QuestDBHttp
 from schemas.outputs import Flag
 from twinflow.services.process import port_is_free
 from twinflow.settings import KafkaSettings, Settings
@@ -103,6 +104,25 @@ def cause_of(exc: BaseException, kind: type[BaseException]) -> BaseException:
             return seen
         seen = seen.__cause__ or seen.__context__
     raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
+
+
+def wait_for_wal(sql: QuestDBHttp, names: list[str], timeout_s: float = 30) -> dict[str, int]:
+    """Each table's sequencer txn, once its WAL has been applied up to it.
+
+    Fails at once on a suspended table, and after ``timeout_s`` on a lagging one.
+    """
+    deadline = time.monotonic() + timeout_s
+    quoted = ", ".join(f"'{name}'" for name in names)
+    while True:
+        rows = sql.exec(
+            f"SELECT name, suspended, writerTxn, sequencerTxn, errorMessage "
+            f"FROM wal_tables() WHERE name IN ({quoted})"
+        ).rows
+        assert not [row for row in rows if row[1]], f"suspended WAL tables: {rows}"
+        if len(rows) == len(names) and all(row[2] == row[3] for row in rows):
+            return {row[0]: row[3] for row in rows}
+        assert time.monotonic() < deadline, f"WAL not applied after {timeout_s} s: {rows}"
+        time.sleep(0.1)
 
 
 def consume_all(

@@ -28,6 +28,7 @@ import yaml
 from benchmarks.throughput import produce_workload, twinflow_env
 from benchmarks.workload import Expected, WorkloadConfig, twin_model
 from connectors.questdb import QuestDBError, QuestDBHttp
+from tests.helpers import wait_for_wal
 from twinflow.settings import Settings
 from twinflow.tables import Tables, tables
 
@@ -282,7 +283,7 @@ class FlowRun:
     def outcome(self) -> Outcome:
         """What landed, once every table's WAL is applied."""
         specs = self.tables.all()
-        self._wait_for_wal([spec.name for spec in specs])
+        wait_for_wal(self.sql, [spec.name for spec in specs], timeout_s=60)
         readings = self.tables.readings.name
         duplicates = {}
         for spec in specs:
@@ -326,20 +327,6 @@ class FlowRun:
 
     def _one(self, sql: str) -> int:
         return int(self.sql.exec(sql).rows[0][0])
-
-    def _wait_for_wal(self, names: list[str], timeout_s: float = 60) -> None:
-        quoted = ", ".join(f"'{name}'" for name in names)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            rows = self.sql.exec(
-                "SELECT name, suspended, writerTxn, sequencerTxn FROM wal_tables() "
-                f"WHERE name IN ({quoted})"
-            ).rows
-            assert not [row for row in rows if row[1]], f"suspended WAL tables: {rows}"
-            if len(rows) == len(names) and all(row[2] == row[3] for row in rows):
-                return
-            assert time.monotonic() < deadline, f"WAL not applied after {timeout_s} s: {rows}"
-            time.sleep(0.2)
 
     def drop(self) -> None:
         """Drop this run's tables."""

@@ -26,7 +26,14 @@ from pydantic import SecretStr
 
 from connectors.questdb import QuestDBAuthError, QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkAuthError, table_frame
-from tests.helpers import cause_of, clean_env, isolated_settings, refusal_row, twinflow_cli
+from tests.helpers import (
+    cause_of,
+    clean_env,
+    isolated_settings,
+    refusal_row,
+    twinflow_cli,
+    wait_for_wal,
+)
 from twinflow.services import manager
 from twinflow.services.questdb import QuestDBService
 from twinflow.settings import QuestDBSettings, Settings, env_name
@@ -98,18 +105,9 @@ def _run(items: list[TableBatch], questdb: QuestDBSettings) -> None:
 
 def _count(sql: QuestDBHttp, spec: TableSpec) -> int:
     """Rows in ``spec`` once its WAL is applied up to the last committed transaction."""
-    deadline = time.monotonic() + 30
-    while True:
-        rows = sql.exec(
-            f"SELECT suspended, writerTxn, sequencerTxn FROM wal_tables() "
-            f"WHERE name = '{spec.name}'"
-        ).rows
-        assert rows and not rows[0][0], f"WAL of {spec.name}: {rows}"
-        if rows[0][1] == rows[0][2]:
-            count: int = sql.exec(f'SELECT count() FROM "{spec.name}"').rows[0][0]
-            return count
-        assert time.monotonic() < deadline, f"WAL not applied after 30 s: {rows}"
-        time.sleep(0.1)
+    wait_for_wal(sql, [spec.name])
+    count: int = sql.exec(f'SELECT count() FROM "{spec.name}"').rows[0][0]
+    return count
 
 
 def _squeezed(text: str) -> str:

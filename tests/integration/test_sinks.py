@@ -20,7 +20,7 @@ from connectors.kafka import KafkaRecord, TopicSpec, client_config, ensure_topic
 from connectors.kafka_sink import KafkaOutputSink, KafkaSinkError
 from connectors.questdb import QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkError, table_frame
-from tests.helpers import cause_of, consume_all, free_ports
+from tests.helpers import cause_of, consume_all, free_ports, wait_for_wal
 from twinflow.settings import Settings
 from twinflow.tables import ANOMALIES, READINGS, TWIN_STATE
 
@@ -109,22 +109,6 @@ def _anomalies(spec: TableSpec, count: int) -> TableBatch:
     )
 
 
-def _wal_txns(sql: QuestDBHttp, names: list[str]) -> dict[str, int]:
-    """Each table's sequencer txn, once its WAL has been applied up to it."""
-    deadline = time.monotonic() + 30
-    quoted = ", ".join(f"'{name}'" for name in names)
-    while True:
-        rows = sql.exec(
-            f"SELECT name, suspended, writerTxn, sequencerTxn, errorMessage "
-            f"FROM wal_tables() WHERE name IN ({quoted})"
-        ).rows
-        assert not [row for row in rows if row[1]], f"suspended WAL tables: {rows}"
-        if len(rows) == len(names) and all(row[2] == row[3] for row in rows):
-            return {row[0]: row[3] for row in rows}
-        assert time.monotonic() < deadline, f"WAL not applied after 30 s: {rows}"
-        time.sleep(0.1)
-
-
 def _counts(sql: QuestDBHttp, specs: dict[str, TableSpec]) -> dict[str, int]:
     return {
         key: sql.exec(f'SELECT count() FROM "{spec.name}"').rows[0][0]
@@ -145,14 +129,14 @@ def test_questdb_sink_writes_several_tables_and_a_replay_adds_nothing(
     ]
 
     _run(_flow(batches, QuestDBSink(stack.questdb)))
-    first = _wal_txns(sql, [spec.name for spec in tables.values()])
+    first = wait_for_wal(sql, [spec.name for spec in tables.values()])
     assert _counts(sql, tables) == {"readings": 1000, "twin_state": 40, "anomalies": 6}
 
     # Replay everything on two workers (as recovery would after a crash), plus 16 new
     # readings: the replayed rows upsert onto themselves, only the new rows add up.
     replay = [*batches, _readings(readings, 1000, 16)]
     _run(_flow(replay, QuestDBSink(stack.questdb), spread=True), workers=2)
-    second = _wal_txns(sql, [spec.name for spec in tables.values()])
+    second = wait_for_wal(sql, [spec.name for spec in tables.values()])
     assert all(second[name] > first[name] for name in first), (first, second)
     assert _counts(sql, tables) == {"readings": 1016, "twin_state": 40, "anomalies": 6}
 
@@ -196,7 +180,7 @@ def test_questdb_sink_raises_when_questdb_rejects_a_batch(
     assert f"10 rows ({readings.name}: 10)" in message
     assert "cast error" in message
     assert "DOUBLE" in message
-    _wal_txns(sql, [readings.name])
+    wait_for_wal(sql, [readings.name])
     assert _counts(sql, {"readings": readings}) == {"readings": 0}
 
 
