@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from connectors.kafka import KafkaRecord, reliable_producer
+from twinflow import metrics
 from twinflow.errors import TwinflowError
 from twinflow.settings import KafkaSettings
 
@@ -88,9 +90,14 @@ class _KafkaPartition(StatelessSinkPartition[KafkaRecord]):
             self._wait_for_reports(items)
         except BaseException:
             self._broken = True
+            metrics.sink_failures.labels("kafka").inc()
             raise
+        elapsed_s = time.perf_counter() - started
+        metrics.kafka_delivery_seconds.observe(elapsed_s)
+        for topic, count in Counter(record.topic for record in items).items():
+            metrics.kafka_records.labels(topic).inc(count)
         if log.isEnabledFor(logging.DEBUG):
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            elapsed_ms = elapsed_s * 1000
             log.debug("%s delivered %d messages in %.1f ms", self._name, len(items), elapsed_ms)
 
     def _produce(self, items: list[KafkaRecord]) -> None:

@@ -22,6 +22,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import client_config
+from twinflow import metrics
 from twinflow.errors import TwinflowError
 from twinflow.settings import KafkaSettings
 from twinflow.twin import InputMessage, MessageBatch
@@ -30,6 +31,7 @@ Batch = tuple[str, Sequence[InputMessage]]
 log = logging.getLogger("twinflow.source.kafka")
 _IDLE_POLL_S = 0.05
 _WATERMARK_TIMEOUT_S = 0.5
+_LAG_EVERY_S = 1.0
 
 
 class KafkaSourceError(TwinflowError):
@@ -99,6 +101,9 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         self._reading = False
         self._awake: datetime | None = None
         self._last_emit = time.monotonic()
+        self._consumed = metrics.messages_consumed.labels(source.topic)
+        self._lag = metrics.consumer_lag.labels(source.topic, str(partition))
+        self._lag_reported = 0.0
 
     def next_batch(self) -> list[Batch]:
         messages = self._consumer.consume(num_messages=self._source.batch_size, timeout=0)
@@ -125,6 +130,9 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
             self._next_offset = batch.offsets[-1] + 1
             self._awake = None
             self._last_emit = now
+            self._consumed.inc(len(messages))
+            if now - self._lag_reported >= _LAG_EVERY_S:
+                self._report_lag(now)
             return [(self._key, batch)]
         self._awake = datetime.now(UTC) + timedelta(seconds=_IDLE_POLL_S)
         if now - self._last_emit >= self._source.tick_s and self._caught_up():
@@ -144,7 +152,18 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         if marks is None:
             return False
         low, high = marks
-        return (low if self._next_offset is None else self._next_offset) >= high
+        position = low if self._next_offset is None else self._next_offset
+        self._lag.set(max(0, high - position))
+        self._lag_reported = time.monotonic()
+        return position >= high
+
+    def _report_lag(self, now: float) -> None:
+        """Lag from the watermarks the consumer's fetches cached (no broker round trip)."""
+        self._lag_reported = now
+        partition = TopicPartition(self._source.topic, self._partition)
+        marks = self._consumer.get_watermark_offsets(partition, cached=True)
+        if marks is not None and marks[1] >= 0 and self._next_offset is not None:
+            self._lag.set(max(0, marks[1] - self._next_offset))
 
     def next_awake(self) -> datetime | None:
         return self._awake

@@ -36,6 +36,7 @@ from questdb import QuestDBError as ClientError
 from questdb import QuestDBErrorCode, Sender
 
 from connectors.questdb import QuestDBAuthError, QuestDBError, TableBatch, TableSpec, auth_failure
+from twinflow import metrics
 from twinflow.settings import QuestDBSettings
 
 log = logging.getLogger("twinflow.sink.questdb")
@@ -111,14 +112,17 @@ class _QuestDBPartition(StatelessSinkPartition[TableBatch]):
                     at=batch.spec.timestamp,
                 )
             except ClientError as exc:
+                metrics.sink_failures.labels("questdb").inc()
                 raise QuestDBSinkError(
                     f"cannot encode {len(batch.frame)} rows for table {batch.spec.name!r}: "
                     f"{exc}. Build the frame with connectors.questdb_sink.table_frame so its "
                     "column types match the table."
                 ) from exc
+        flushed = time.perf_counter()
         try:
             self._sender.flush()
         except ClientError as exc:
+            metrics.sink_failures.labels("questdb").inc()
             if exc.code == QuestDBErrorCode.AuthError:
                 raise _auth_error(
                     self._settings,
@@ -131,8 +135,12 @@ class _QuestDBPartition(StatelessSinkPartition[TableBatch]):
                 "recovery replays these rows (DEDUP keys make that safe); if QuestDB is up, "
                 "compare the table with its spec in twinflow/tables.py."
             ) from exc
+        done = time.perf_counter()
+        metrics.questdb_flush_seconds.observe(done - flushed)
+        for batch in batches:
+            metrics.questdb_rows.labels(batch.spec.name).inc(len(batch.frame))
         if log.isEnabledFor(logging.DEBUG):
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            elapsed_ms = (done - started) * 1000
             log.debug("%s flushed %s in %.1f ms", self._name, _describe(batches), elapsed_ms)
 
     def close(self) -> None:

@@ -12,9 +12,12 @@ Step ids are part of the recovery contract: renaming one orphans its snapshots.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import bytewax.operators as op
+import numpy as np
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
@@ -22,6 +25,7 @@ from bytewax.outputs import Sink
 from connectors.kafka import KafkaRecord
 from connectors.questdb import TableBatch
 from flows.outputs import deadletter_batches, kafka_records, table_batches
+from twinflow import metrics
 from twinflow.detection import DetectorConfig
 from twinflow.settings import Settings
 from twinflow.tables import tables as table_specs
@@ -29,10 +33,49 @@ from twinflow.twin import InputMessage, PartitionTwins, StepOutput
 from twinflow.twin_model import TwinModel
 
 Batch = tuple[str, Sequence[InputMessage]]
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+_Target = TypeVar("_Target")
 
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def observe(out: StepOutput, now_ms: int) -> None:
+    """Count what one call of the twins step produced."""
+    accepted = len(out.readings)
+    if accepted:
+        metrics.readings_accepted.inc(accepted)
+        flagged = int(np.count_nonzero(out.readings.flags))
+        if flagged:
+            metrics.readings_flagged.inc(flagged)
+    if out.late:
+        metrics.late_readings.inc(len(out.late))
+    for reason, count in Counter(letter.reason.value for letter in out.dead_letters).items():
+        metrics.dead_letters.labels(reason).inc(count)
+    if out.windows:
+        metrics.windows_closed.inc(len(out.windows))
+        # One observation per window end: the windows of a step mostly share a few ends.
+        for end_ms, count in Counter(window.window_end_ms for window in out.windows).items():
+            lag_s = max(0.0, (now_ms - end_ms) / 1000)
+            for _ in range(count):
+                metrics.window_close_lag.observe(lag_s)
+    if out.anomalies:
+        metrics.anomalies.inc(len(out.anomalies))
+
+
+def timed(
+    step_id: str, convert: Callable[[_In, _Target], list[_Out]], target: _Target
+) -> Callable[[tuple[str, _In]], list[_Out]]:
+    """A flat_map mapper: ``convert`` of the item's value, its duration observed."""
+    duration = metrics.step_seconds.labels(step_id)
+
+    def mapper(item: tuple[str, _In]) -> list[_Out]:
+        with duration.time():
+            return convert(item[1], target)
+
+    return mapper
 
 
 def build_flow(
@@ -55,16 +98,20 @@ def build_flow(
         state: PartitionTwins | None, messages: Sequence[InputMessage]
     ) -> tuple[PartitionTwins, StepOutput]:
         twins = state or PartitionTwins(model, settings.flow, config)
-        return twins, twins.step(messages, clock())
+        now_ms = clock()
+        with metrics.step_seconds.labels("twins").time():
+            out = twins.step(messages, now_ms)
+        observe(out, now_ms)
+        return twins, out
 
     flow = Dataflow("twinflow")
     raw = op.input("raw_in", flow, raw_source)
     stepped = op.stateful_map("twins", raw, step)
-    rows = op.flat_map("to_tables", stepped, lambda item: table_batches(item[1], tables))
-    records = op.flat_map("to_records", stepped, lambda item: kafka_records(item[1], topics))
+    rows = op.flat_map("to_tables", stepped, timed("to_tables", table_batches, tables))
+    records = op.flat_map("to_records", stepped, timed("to_records", kafka_records, topics))
     letters = op.input("deadletters_in", flow, deadletter_source)
     letter_rows = op.flat_map(
-        "deadletter_rows", letters, lambda item: deadletter_batches(item[1], tables)
+        "deadletter_rows", letters, timed("deadletter_rows", deadletter_batches, tables)
     )
     op.output("questdb", op.merge("all_rows", rows, letter_rows), questdb_sink)
     op.output("kafka", records, kafka_sink)

@@ -24,7 +24,7 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def stack(settings: Settings) -> Iterator[Settings]:
-    """Kafka, QuestDB and Mosquitto up and healthy; stops at the end only what it started."""
+    """Kafka, QuestDB, Mosquitto and Prometheus up and healthy; stops only what it started."""
     started = manager.up(settings, [], log.info)
     yield settings
     if started:

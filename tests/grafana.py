@@ -19,11 +19,30 @@ def dashboards() -> dict[str, dict[str, Any]]:
 
 
 def panel_queries() -> Iterator[tuple[str, str, str]]:
-    """(dashboard file, panel title, SQL) of every panel target."""
+    """(dashboard file, panel title, SQL) of every QuestDB panel target."""
     for name, dashboard in dashboards().items():
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
-                yield name, panel["title"], target["rawSql"]
+                if "rawSql" in target:
+                    yield name, panel["title"], target["rawSql"]
+
+
+def promql_queries() -> Iterator[tuple[str, str, str]]:
+    """(dashboard file, panel title and legend, PromQL) of every Prometheus panel target."""
+    for name, dashboard in dashboards().items():
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                if "expr" in target:
+                    yield name, f"{panel['title']} / {target['legendFormat']}", target["expr"]
+
+
+def render_promql(expr: str, rate_interval_s: int) -> str:
+    """``expr`` as Grafana sends it: ``$__rate_interval`` replaced by a duration.
+
+    >>> render_promql("rate(x_total[$__rate_interval])", 4)
+    'rate(x_total[4s])'
+    """
+    return expr.replace("$__rate_interval", f"{rate_interval_s}s")
 
 
 def render(

@@ -7,11 +7,13 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pandas as pd
 from confluent_kafka import Consumer, Message
+from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.kafka import client_config
 from connectors.questdb import QuestDBHttp
@@ -44,7 +46,7 @@ def isolated_settings(base: Settings, state_dir: Path) -> Settings:
     Tests that restart, kill or secure a service use one so the session's stack and the
     other tests never notice.
     """
-    (kafka, controller, http, pg, ilp, min_http, mqtt) = free_ports(7)
+    (kafka, controller, http, pg, ilp, min_http, mqtt, prometheus) = free_ports(8)
     return base.model_copy(
         update={
             "state_dir": state_dir,
@@ -62,6 +64,7 @@ def isolated_settings(base: Settings, state_dir: Path) -> Settings:
                 }
             ),
             "mqtt": base.mqtt.model_copy(update={"port": mqtt}),
+            "metrics": base.metrics.model_copy(update={"prometheus_port": prometheus}),
         }
     )
 
@@ -125,6 +128,26 @@ def wait_for_wal(sql: QuestDBHttp, names: list[str], timeout_s: float = 30) -> d
         time.sleep(0.1)
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""Prometheus samples by (name, labels)."""
+
+
+def scrape(port: int) -> Samples:
+    """The samples a /metrics endpoint on 127.0.0.1:``port`` serves now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return {
+        (item.name, frozenset(item.labels.items())): item.value
+        for family in text_string_to_metric_families(body)
+        for item in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the endpoint has no such series (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 def consume_all(
     kafka: KafkaSettings, topic: str, expected: int | None = None, idle_s: float = 5.0
 ) -> list[Message]:
@@ -172,8 +195,20 @@ def twinflow_cli(
 
 
 def clean_env(**settings: str) -> dict[str, str]:
-    """This process's environment without TWINFLOW_* variables, plus ``settings``."""
+    """This process's environment without TWINFLOW_* variables, plus ``settings``.
+
+    The /metrics endpoints get free ports unless ``settings`` name them, so a flow or
+    bridge a test starts never collides with another one (or with a running demo).
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
+    flow, mqtt_bridge, opcua_bridge = free_ports(3)
+    env.update(
+        {
+            "TWINFLOW_METRICS__FLOW_PORT": str(flow),
+            "TWINFLOW_METRICS__MQTT_BRIDGE_PORT": str(mqtt_bridge),
+            "TWINFLOW_METRICS__OPCUA_BRIDGE_PORT": str(opcua_bridge),
+        }
+    )
     env.update({f"TWINFLOW_{key.upper()}": value for key, value in settings.items()})
     return env
 

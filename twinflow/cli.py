@@ -131,6 +131,7 @@ def demo(
 ) -> None:
     """The whole pipeline live: plant -> MQTT -> bridge -> Kafka -> twin flow -> QuestDB."""
     from twinflow.demo import run_demo
+    from twinflow.metrics import serving
 
     if hours <= 0 or speed <= 0 or entities < 1:
         raise ConfigError("--hours and --speed must be positive, --entities at least 1")
@@ -146,13 +147,16 @@ def demo(
     # The bridge and flow report through the live view; their own logs would repeat it.
     for name in ("twinflow.bridge.mqtt", "twinflow.simulate"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    summary = run_demo(settings, twin, hours=hours, speed=speed, entities=entities, console=out)
+    # The demo bridges MQTT in this process: it serves the MQTT bridge's metrics.
+    with serving(settings.metrics, settings.metrics.mqtt_bridge_port, "mqtt_bridge_port"):
+        summary = run_demo(settings, twin, hours=hours, speed=speed, entities=entities, console=out)
     out.print(summary)
     _print_status(manager.status(settings))
     out.print(
         f"QuestDB console: {settings.questdb.http_url} (tables readings, sensor_windows, "
-        "twin_state, anomalies, deadletters). Services keep running; stop them with "
-        "`twinflow down` (or `make down`)."
+        "twin_state, anomalies, deadletters). Pipeline metrics: Prometheus at "
+        f"http://127.0.0.1:{settings.metrics.prometheus_port} (twinflow_* series). Services "
+        "keep running; stop them with `twinflow down` (or `make down`)."
     )
 
 

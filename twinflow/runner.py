@@ -23,6 +23,7 @@ from connectors.questdb import QuestDBHttp, ensure_table
 from connectors.questdb_sink import QuestDBSink
 from flows.twin import build_flow
 from twinflow.errors import ConfigError, TwinflowError
+from twinflow.metrics import serving
 from twinflow.settings import Settings
 from twinflow.tables import tables
 from twinflow.topics import ingest_topics, output_topics
@@ -71,33 +72,37 @@ def run_flow(
     addresses: list[str] | None = None,
 ) -> None:
     """Run the twin flow until interrupted (or a sink fails, then raise)."""
-    prepare_outputs(settings)
-    flow = build_flow(
-        settings,
-        model,
-        raw_source=KafkaBatchSource(settings.kafka, settings.topics.raw, settings.flow.batch_size),
-        deadletter_source=KafkaBatchSource(
-            settings.kafka, settings.topics.deadletter, settings.flow.batch_size
-        ),
-        questdb_sink=QuestDBSink(settings.questdb),
-        kafka_sink=KafkaOutputSink(settings.kafka),
-    )
-    recovery = recovery_config(settings)
-    try:
-        cli_main(
-            flow,
-            workers_per_process=workers,
-            process_id=process_id,
-            addresses=addresses,
-            epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
-            recovery_config=recovery,
+    port = settings.metrics.flow_process_port(process_id)
+    with serving(settings.metrics, port, "flow_port"):
+        prepare_outputs(settings)
+        flow = build_flow(
+            settings,
+            model,
+            raw_source=KafkaBatchSource(
+                settings.kafka, settings.topics.raw, settings.flow.batch_size
+            ),
+            deadletter_source=KafkaBatchSource(
+                settings.kafka, settings.topics.deadletter, settings.flow.batch_size
+            ),
+            questdb_sink=QuestDBSink(settings.questdb),
+            kafka_sink=KafkaOutputSink(settings.kafka),
         )
-    except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
-        raise TwinflowError(
-            f"the recovery store {_store(settings)} is damaged ({exc}). Restore it from a "
-            "backup, or move it away to start over from the beginning of the topics "
-            "(outputs are idempotent, so reprocessing rewrites the same rows)."
-        ) from None
+        recovery = recovery_config(settings)
+        try:
+            cli_main(
+                flow,
+                workers_per_process=workers,
+                process_id=process_id,
+                addresses=addresses,
+                epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
+                recovery_config=recovery,
+            )
+        except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
+            raise TwinflowError(
+                f"the recovery store {_store(settings)} is damaged ({exc}). Restore it from "
+                "a backup, or move it away to start over from the beginning of the topics "
+                "(outputs are idempotent, so reprocessing rewrites the same rows)."
+            ) from None
 
 
 def _store(settings: Settings) -> Path:

@@ -370,6 +370,41 @@ class FlowSettings(_Section):
     consumer_group: str = "twinflow-flow"
 
 
+class MetricsSettings(_Section):
+    """The Prometheus endpoints of the flow and the bridges, and the local Prometheus."""
+
+    enabled: bool = Field(default=True, description="serve /metrics from the flow and bridges")
+    host: str = Field(
+        default="127.0.0.1",
+        description="address the /metrics endpoints bind; 0.0.0.0 in a container",
+    )
+    flow_port: Port = _port(9250, "/metrics of `twinflow run` (see per_process_port)")
+    per_process_port: bool = Field(
+        default=True,
+        description=(
+            "process i of a cluster (-i) serves on flow_port + i, so processes sharing a "
+            "host never collide; false where each process has its own address (pods)"
+        ),
+    )
+    mqtt_bridge_port: Port = _port(9240, "/metrics of `twinflow bridge mqtt`")
+    opcua_bridge_port: Port = _port(9241, "/metrics of `twinflow bridge opcua`")
+    prometheus_port: Port = _port(9090, "the local Prometheus (twinflow up): UI and API")
+    scrape_interval_s: int = Field(
+        default=5, ge=1, le=300, description="how often the local Prometheus scrapes"
+    )
+    retention: str = Field(
+        default="2d",
+        pattern=r"^[1-9][0-9]*[hdwy]$",
+        description="how long the local Prometheus keeps samples (e.g. 12h, 2d)",
+    )
+
+    def flow_process_port(self, process_id: int | None) -> int:
+        """The port the flow process ``process_id`` serves on."""
+        if self.per_process_port and process_id:
+            return self.flow_port + process_id
+        return self.flow_port
+
+
 class ServicesSettings(_Section):
     """How ``twinflow up`` runs the local services."""
 
@@ -409,6 +444,7 @@ class Settings(BaseSettings):
     opcua: OpcUaSettings = OpcUaSettings()
     topics: TopicSettings = TopicSettings()
     flow: FlowSettings = FlowSettings()
+    metrics: MetricsSettings = MetricsSettings()
     services: ServicesSettings = ServicesSettings()
 
     @field_validator("config_file", "state_dir", "lib_dir", "twin_model")
@@ -420,7 +456,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _ports_distinct(self) -> Self:
         claimed: dict[int, str] = {}
-        for name, port in self.local_ports().items():
+        metrics = self.metrics
+        endpoints = {
+            "metrics.flow_port": metrics.flow_port,
+            "metrics.mqtt_bridge_port": metrics.mqtt_bridge_port,
+            "metrics.opcua_bridge_port": metrics.opcua_bridge_port,
+        }
+        for name, port in {**self.local_ports(), **endpoints}.items():
             if port in claimed:
                 raise ValueError(f"{name} and {claimed[port]} are both set to port {port}")
             claimed[port] = name
@@ -436,6 +478,7 @@ class Settings(BaseSettings):
             "questdb.ilp_tcp_port": self.questdb.ilp_tcp_port,
             "questdb.min_http_port": self.questdb.min_http_port,
             "mqtt.port": self.mqtt.port,
+            "metrics.prometheus_port": self.metrics.prometheus_port,
         }
 
     @property

@@ -39,6 +39,7 @@ def test_up_twice_is_a_noop_and_down_leaves_nothing(isolated_env: dict[str, str]
         ("kafka", "healthy"),
         ("questdb", "healthy"),
         ("mosquitto", "healthy"),
+        ("prometheus", "healthy"),
     ]
     pids = {row["name"]: row["pid"] for row in rows}
     assert all(isinstance(pid, int) and process_start_ticks(pid) for pid in pids.values())
@@ -49,7 +50,7 @@ def test_up_twice_is_a_noop_and_down_leaves_nothing(isolated_env: dict[str, str]
 
     second = twinflow_cli(isolated_env, "up")
     assert second.returncode == 0, second.stderr
-    assert second.stderr.count("already running") == 3
+    assert second.stderr.count("already running") == 4
     assert {row["name"]: row["pid"] for row in _status(isolated_env)} == pids
 
     stopped = twinflow_cli(isolated_env, "down")

@@ -36,7 +36,7 @@ from pydantic import SecretStr
 
 from connectors.kafka import TopicSpec, client_config, ensure_topics
 from schemas.raw import decode_raw
-from tests.helpers import free_ports
+from tests.helpers import free_ports, sample, scrape
 from tests.opcua_server_process import (
     DROPOUT_EVERY,
     DROPOUT_TICK,
@@ -69,13 +69,14 @@ def bridged(stack: Settings, unique: str) -> Settings:
     """Settings with a fresh raw topic and an OPC UA endpoint on a free port."""
     topic = f"test.opcua.{unique}"
     ensure_topics(stack.kafka, [TopicSpec(topic, stack.topics.raw_partitions)])
-    (port,) = free_ports(1)
+    port, metrics_port = free_ports(2)
     return stack.model_copy(
         update={
             "topics": stack.topics.model_copy(update={"raw": topic}),
             "opcua": stack.opcua.model_copy(
                 update={"endpoint": f"opc.tcp://127.0.0.1:{port}/twinflow/"}
             ),
+            "metrics": stack.metrics.model_copy(update={"opcua_bridge_port": metrics_port}),
         }
     )
 
@@ -331,7 +332,10 @@ def test_readings_flow_and_resume_after_the_server_is_killed(
 ) -> None:
     caplog.set_level(logging.INFO, logger="twinflow.bridges.opcua")
     every_sensor = _every_sensor(model)
+    metrics_port = bridged.metrics.opcua_bridge_port
     with _topic(bridged) as topic, _BridgeThread(bridged, model):
+        # Counters are process-wide and earlier tests bridged in this process too.
+        before_run = _bridge_counts(metrics_port)
         with _server_process(bridged) as first:
             first_start = first.start_ms
             topic.wait_for(
@@ -359,7 +363,25 @@ def test_readings_flow_and_resume_after_the_server_is_killed(
                 ),
                 timeout_s=10,
             )
+            assert sample(scrape(metrics_port), "twinflow_bridge_connected", bridge="opcua") == 1
         after = _readings(topic.messages, second_start)
+        # Both servers are gone, so the bridge forwards nothing more: its counters must
+        # match what reached the topic.
+        deadline = time.monotonic() + 10
+        while True:  # until every forwarded reading's delivery is confirmed
+            counts = {
+                name: value - before_run[name]
+                for name, value in _bridge_counts(metrics_port).items()
+            }
+            accounted = counts["forwarded"] + counts["skipped no_value"] + counts["skipped repeat"]
+            if accounted == counts["received"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert accounted == counts["received"], counts
+        topic.wait_for(lambda got: len(got) >= counts["forwarded"], timeout_s=10)
+        assert counts["forwarded"] == len(topic.messages)
+        assert counts["reconnects"] == 1
+        assert counts["skipped no_value"] > 0  # the dropouts
 
     assert set(before) == every_sensor and all(before.values())
     assert set(after) == every_sensor and all(after.values())
@@ -406,6 +428,33 @@ def test_readings_flow_and_resume_after_the_server_is_killed(
         dropout_ticks = {tick for tick in neighbour if tick % DROPOUT_EVERY == DROPOUT_TICK}
         assert dropout_ticks, "the run was too short to see a dropout"
         assert ticks[dropping] == neighbour - dropout_ticks
+
+
+def _bridge_counts(port: int) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while True:  # the bridge thread may not be serving yet
+        try:
+            samples = scrape(port)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    counts = {
+        name: sample(samples, f"twinflow_bridge_{name}_total", bridge="opcua")
+        for name in ("messages_received", "messages_forwarded", "reconnects")
+    }
+    return {
+        "received": counts["messages_received"],
+        "forwarded": counts["messages_forwarded"],
+        "reconnects": counts["reconnects"],
+        **{
+            f"skipped {why}": sample(
+                samples, "twinflow_bridge_values_skipped_total", bridge="opcua", why=why
+            )
+            for why in ("no_value", "repeat")
+        },
+    }
 
 
 def _bridge_logs(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:

@@ -7,12 +7,16 @@ QuestDB); every figure is checked against an independent recomputation from the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,19 +32,24 @@ import yaml
 
 from connectors.questdb import QuestDBError, QuestDBHttp
 from schemas.raw import SchemaError, decode_raw
-from tests.grafana import dashboards, panel_queries, render
+from tests.grafana import dashboards, panel_queries, promql_queries, render, render_promql
 from tests.helpers import (
+    Samples,
     clean_env,
     consume_all,
     free_ports,
     recompute_windows,
+    sample,
+    scrape,
     twinflow_cli,
     wait_for_line,
 )
+from twinflow.services import manager
 from twinflow.settings import Settings
 from twinflow.twin_model import TwinModel, load_twin_model
 
 pytestmark = pytest.mark.integration
+log = logging.getLogger("tests.e2e")
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTITIES = 6
@@ -61,6 +70,10 @@ class Run:
     expected: set[tuple[str, str, int]] = field(default_factory=set)
     """(entity, sensor, ts) of every valid reading, recomputed from twin.raw."""
     flow_rejects: Counter[str] = field(default_factory=Counter)
+    raw_messages: int = 0
+    prometheus: Settings | None = None
+    """A Prometheus of its own, scraping this run's flow and bridge every second."""
+    began: float = field(default_factory=time.time)
 
     def topic(self, name: str) -> str:
         return f"e2e.{name}.{self.suffix}"
@@ -125,6 +138,8 @@ def pipeline(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         hours=HOURS + 2, seconds=random.randrange(3600)
     )
     run = Run(env, suffix, workdir, load_twin_model(model_file), start)
+    run.prometheus = _prometheus_for(stack, env, workdir / "prometheus")
+    manager.up(run.prometheus, ["prometheus"], log.info)
     bridge = _spawn(["bridge", "mqtt"], env, workdir / "bridge.log")
     flow = _spawn(["run"], env, workdir / "flow.log")
     try:
@@ -150,19 +165,37 @@ def pipeline(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
             timeout=600,
         )
         assert result.returncode == 0, result.stderr
-        run.expected, run.flow_rejects = _expected(run, stack)
+        run.expected, run.flow_rejects, run.raw_messages = _expected(run, stack)
         _wait_rows(stack, run, run.expected)
         yield run
     finally:
         _stop(flow)
         _stop(bridge)
+        manager.down(run.prometheus, ["prometheus"], log.info)
 
 
-def _expected(run: Run, stack: Settings) -> tuple[set[tuple[str, str, int]], Counter[str]]:
-    """Valid reading keys and the flow's own rejects, recomputed from twin.raw."""
+def _prometheus_for(stack: Settings, env: dict[str, str], state_dir: Path) -> Settings:
+    (port,) = free_ports(1)
+    metrics = stack.metrics.model_copy(
+        update={
+            "prometheus_port": port,
+            "scrape_interval_s": 1,
+            "flow_port": int(env["TWINFLOW_METRICS__FLOW_PORT"]),
+            "mqtt_bridge_port": int(env["TWINFLOW_METRICS__MQTT_BRIDGE_PORT"]),
+            "opcua_bridge_port": int(env["TWINFLOW_METRICS__OPCUA_BRIDGE_PORT"]),
+        }
+    )
+    return stack.model_copy(
+        update={"state_dir": state_dir, "lib_dir": stack.jar_dir, "metrics": metrics}
+    )
+
+
+def _expected(run: Run, stack: Settings) -> tuple[set[tuple[str, str, int]], Counter[str], int]:
+    """Valid reading keys, the flow's own rejects and the message count of twin.raw."""
     keys: set[tuple[str, str, int]] = set()
     rejects: Counter[str] = Counter()
-    for message in consume_all(stack.kafka, run.topic("raw"), idle_s=5):
+    messages = consume_all(stack.kafka, run.topic("raw"), idle_s=5)
+    for message in messages:
         try:
             raw = decode_raw(message.value())
         except SchemaError as exc:
@@ -177,7 +210,7 @@ def _expected(run: Run, stack: Settings) -> tuple[set[tuple[str, str, int]], Cou
                 keys.add((raw.entity_id, sensor, raw.ts_ms))
             else:
                 rejects["out_of_range"] += 1
-    return keys, rejects
+    return keys, rejects, len(messages)
 
 
 def _wait_rows(
@@ -422,4 +455,118 @@ def test_every_dashboard_panel_query_runs_on_the_flow_output(
             values = [row[0] for row in sql.exec(rendered).rows]
             if entity not in values:
                 problems.append(f"{board}: variable {variable['name']} offers {values}")
+    assert not problems, "\n".join(problems)
+
+
+def _by(samples: Samples, name: str, label: str, **fixed: str) -> Counter[str]:
+    """``name``'s non-zero samples, by the value of ``label`` (others fixed to ``fixed``)."""
+    found: Counter[str] = Counter()
+    for (series, labels), value in samples.items():
+        others = {key: val for key, val in labels if key != label}
+        if series == name and others == fixed and value:
+            found[dict(labels)[label]] = int(value)
+    return found
+
+
+def _count(stack: Settings, table: str) -> int:
+    count: int = QuestDBHttp(stack.questdb).exec(f'SELECT count() FROM "{table}"').rows[0][0]
+    return count
+
+
+def test_the_metrics_endpoints_count_what_the_run_did(stack: Settings, pipeline: Run) -> None:
+    """Scraped from the running flow and bridge: every counter equals a count taken
+    independently, from the simulator's ground truth, twin.raw and the tables."""
+    truth = json.loads((pipeline.workdir / "truth.json").read_text())["counts"]
+    env, prefix, raw = pipeline.env, pipeline.prefix, pipeline.topic("raw")
+    bridge = scrape(int(env["TWINFLOW_METRICS__MQTT_BRIDGE_PORT"]))
+    rejects = sum(truth["expected_rejects"].values())
+    assert (
+        sample(bridge, "twinflow_bridge_messages_received_total", bridge="mqtt")
+        == (truth["messages"])
+    )
+    assert sample(bridge, "twinflow_bridge_messages_forwarded_total", bridge="mqtt") == (
+        truth["messages"] - rejects
+    )
+    assert _by(bridge, "twinflow_bridge_dead_letters_total", "reason", bridge="mqtt") == (
+        Counter(truth["expected_rejects"])
+    )
+    assert sample(bridge, "twinflow_bridge_connected", bridge="mqtt") == 1
+
+    # The flow's dead letters and windows are final once the readings are in and the
+    # idle windows closed; poll until they are (or report the last difference).
+    deadline = time.monotonic() + 90
+    while True:
+        flow = scrape(int(env["TWINFLOW_METRICS__FLOW_PORT"]))
+        tables = {
+            name: _count(stack, f"{prefix}{name}")
+            for name in ("readings", "sensor_windows", "twin_state", "anomalies")
+        }
+        observed = {
+            "consumed raw": sample(flow, "twinflow_messages_consumed_total", topic=raw),
+            "dead letters": _by(flow, "twinflow_dead_letters_total", "reason"),
+            "rows written": _by(flow, "twinflow_questdb_rows_written_total", "table"),
+            "windows": sample(flow, "twinflow_windows_closed_total"),
+            "lag observations": sample(flow, "twinflow_window_close_lag_seconds_count"),
+            "anomalies": sample(flow, "twinflow_anomalies_total"),
+            "raw lag": {
+                dict(labels)["partition"]: value
+                for (name, labels), value in flow.items()
+                if name == "twinflow_kafka_consumer_lag" and ("topic", raw) in labels
+            },
+        }
+        wanted = {
+            "consumed raw": pipeline.raw_messages,
+            "dead letters": pipeline.flow_rejects,
+            "rows written": Counter(
+                {
+                    **{f"{prefix}{name}": count for name, count in tables.items() if count},
+                    f"{prefix}deadletters": rejects + sum(pipeline.flow_rejects.values()),
+                }
+            ),
+            "windows": tables["sensor_windows"],
+            "lag observations": tables["sensor_windows"],
+            "anomalies": tables["anomalies"],
+            "raw lag": {str(p): 0 for p in range(stack.topics.raw_partitions)},
+        }
+        if observed == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert observed == wanted
+    assert sample(flow, "twinflow_readings_accepted_total") == tables["readings"]
+    assert sample(flow, "twinflow_sink_failures_total", sink="questdb") == 0
+
+
+def test_every_pipeline_panel_query_runs_on_the_run_metrics(pipeline: Run) -> None:
+    """Each PromQL query of the pipeline dashboard, as Grafana sends it, over the run's
+    wall-clock span on a Prometheus that scraped the run's flow and bridge every second:
+    it succeeds and returns at least one series with a number in it."""
+    assert pipeline.prometheus is not None
+    api = f"http://127.0.0.1:{pipeline.prometheus.metrics.prometheus_port}/api/v1/query_range"
+    queries = list(promql_queries())
+    assert len(queries) >= 15
+    problems = []
+    for board, title, expr in queries:
+        params = urllib.parse.urlencode(
+            {
+                "query": render_promql(expr, rate_interval_s=5),
+                "start": f"{pipeline.began:.3f}",
+                "end": f"{time.time():.3f}",
+                "step": "1",
+            }
+        )
+        try:
+            with urllib.request.urlopen(f"{api}?{params}", timeout=30) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as exc:  # a query Prometheus cannot parse: 400
+            problems.append(f"{board} / {title}: {exc.read().decode()}")
+            continue
+        series = answer["data"]["result"]
+        numbers = [
+            float(value)
+            for one in series
+            for _at, value in one["values"]
+            if value not in ("NaN", "+Inf", "-Inf")
+        ]
+        if not numbers:
+            problems.append(f"{board} / {title}: no numbers in {len(series)} series\n{expr}")
     assert not problems, "\n".join(problems)

@@ -15,6 +15,7 @@ from tests.grafana import dashboards
 from twinflow.settings import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
+    MetricsSettings,
     QuestDBSettings,
     Settings,
     load_settings,
@@ -23,7 +24,7 @@ from twinflow.settings import (
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 COMPOSE = INFRA / "compose.yaml"
 K8S = sorted((INFRA / "k8s").glob("*.yaml"))
-PINNED = re.compile(r"^[\w./-]+:\d+(\.\d+)+([\w.-]*)$")
+PINNED = re.compile(r"^[\w./-]+:v?\d+(\.\d+)+([\w.-]*)$")
 
 
 def _documents() -> list[dict[str, Any]]:
@@ -188,27 +189,80 @@ def test_the_grafana_data_source_is_the_compose_questdb() -> None:
     assert source["secureJsonData"]["password"] == defaults.pg_password.get_secret_value()
 
 
-def test_dashboards_are_well_formed_and_use_the_provisioned_data_source() -> None:
-    (source,) = yaml.safe_load(
-        (INFRA / "grafana" / "provisioning" / "datasources" / "questdb.yaml").read_text()
-    )["datasources"]
+def _data_sources() -> dict[str, dict[str, Any]]:
+    folder = INFRA / "grafana" / "provisioning" / "datasources"
+    return {
+        source["uid"]: source
+        for path in sorted(folder.glob("*.yaml"))
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    }
+
+
+def test_dashboards_are_well_formed_and_use_the_provisioned_data_sources() -> None:
+    sources = _data_sources()
+    assert {source["type"] for source in sources.values()} == {
+        "grafana-postgresql-datasource",
+        "prometheus",
+    }
     boards = dashboards()
-    assert {"plant-overview.json", "entity.json"} <= boards.keys()
+    assert {"plant-overview.json", "entity.json", "pipeline.json"} <= boards.keys()
     assert len({board["uid"] for board in boards.values()}) == len(boards)
     for name, board in boards.items():
         ids = [panel["id"] for panel in board["panels"]]
         assert len(ids) == len(set(ids)), f"{name}: panel ids repeat"
         variables = {variable["name"] for variable in board["templating"]["list"]}
         for panel in board["panels"]:
+            where = f"{name} / {panel['title']}"
             uids = {panel["datasource"]["uid"]} | {t["datasource"]["uid"] for t in panel["targets"]}
-            assert uids == {source["uid"]}, f"{name} / {panel['title']}: data source {uids}"
+            assert len(uids) == 1 and uids <= sources.keys(), f"{where}: data source {uids}"
+            (uid,) = uids
+            assert panel["datasource"]["type"] == sources[uid]["type"], where
+            query_field = "expr" if sources[uid]["type"] == "prometheus" else "rawSql"
             for target in panel["targets"]:
-                used = set(re.findall(r"\$(?!__)(\w+)", target["rawSql"]))
-                assert used <= variables, f"{name} / {panel['title']}: undefined {used}"
+                used = set(re.findall(r"\$(?!__)(\w+)", target[query_field]))
+                assert used <= variables, f"{where}: undefined {used}"
         for variable in board["templating"]["list"]:
-            assert variable["datasource"]["uid"] == source["uid"]
+            assert variable["datasource"]["uid"] in sources
+
+
+def test_the_grafana_prometheus_is_the_compose_prometheus() -> None:
+    (source,) = [s for s in _data_sources().values() if s["type"] == "prometheus"]
+    host, port = source["url"].removeprefix("http://").split(":")
+    prometheus = _compose()["services"][host]
+    assert any(str(p).endswith(f":{port}") for p in prometheus["ports"])
+    assert int(port) == MetricsSettings().prometheus_port
     provider = yaml.safe_load(
         (INFRA / "grafana" / "provisioning" / "dashboards" / "twinflow.yaml").read_text()
     )["providers"][0]
     grafana = _compose()["services"]["grafana"]
     assert f"./grafana/dashboards:{provider['options']['path']}:ro" in grafana["volumes"]
+
+
+def test_prometheus_scrapes_every_twinflow_process_on_its_metrics_port() -> None:
+    defaults = MetricsSettings()
+    ports = {
+        "flow": defaults.flow_port,
+        "bridge-mqtt": defaults.mqtt_bridge_port,
+        "bridge-opcua": defaults.opcua_bridge_port,
+    }
+    config = yaml.safe_load((INFRA / "prometheus" / "compose.yml").read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for group in job["static_configs"]
+        for target in group["targets"]
+    }
+    services = _compose()["services"]
+    assert {f"{name}:{port}" for name, port in ports.items()} <= targets
+    for name in ports:
+        # Scraped across the compose network, so the endpoint must not bind loopback.
+        assert services[name]["environment"]["TWINFLOW_METRICS__HOST"] == "0.0.0.0"
+    workloads = _kind("StatefulSet") + _kind("Deployment")
+    assert len(workloads) == len(ports)
+    for doc in workloads:
+        component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+        template = doc["spec"]["template"]
+        (container,) = template["spec"]["containers"]
+        named = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert named["metrics"] == ports[component]
+        assert int(template["metadata"]["annotations"]["prometheus.io/port"]) == ports[component]

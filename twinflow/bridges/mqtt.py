@@ -23,6 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from connectors.kafka import ensure_topics, reliable_producer
 from connectors.mqtt import login_hint, login_refused, new_client, session_properties
 from schemas import deadletter
+from twinflow import metrics
 from twinflow.bridges.routing import InOrderAcks, Reject, route
 from twinflow.errors import TwinflowError
 from twinflow.settings import Settings
@@ -68,6 +69,10 @@ class MqttBridge:
         self.subscribed = threading.Event()
         self._producer: Producer = reliable_producer(settings.kafka, error_cb=self._on_kafka_error)
         self._client = self._new_client()
+        self._connections = 0
+        self._connected = metrics.bridge_connected.labels("mqtt")
+        self._received = metrics.bridge_received.labels("mqtt")
+        self._forwarded = metrics.bridge_forwarded.labels("mqtt")
 
     def _new_client(self) -> mqtt.Client:
         client = new_client(self.settings.mqtt, self.settings.mqtt.bridge_client_id)
@@ -157,6 +162,10 @@ class MqttBridge:
             else:
                 log.error("MQTT connection refused: %s; retrying", reason)
             return
+        self._connected.set(1)
+        self._connections += 1
+        if self._connections > 1:
+            metrics.bridge_reconnects.labels("mqtt").inc()
         log.info(
             "connected to mqtt://%s:%d as %s",
             self.settings.mqtt.host,
@@ -187,12 +196,14 @@ class MqttBridge:
         reason: ReasonCode,
         _properties: Properties | None,
     ) -> None:
+        self._connected.set(0)
         if not self._stopping.is_set() and reason.is_failure and self._refused is None:
             log.warning("MQTT connection lost (%s); reconnecting", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
         decision = route(msg.topic, payload, self.model)
+        self._received.inc()
         with self._lock:
             self.stats.received += 1
             if msg.qos > 0:
@@ -258,8 +269,10 @@ class MqttBridge:
         with self._lock:
             if reason is None:
                 self.stats.forwarded += 1
+                self._forwarded.inc()
             else:
                 self.stats.dead_lettered += 1
+                metrics.bridge_dead_letters.labels("mqtt", reason).inc()
                 self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
             ready = self._acks.confirmed(mid) if qos > 0 else []
             for ready_mid in ready:
@@ -284,4 +297,5 @@ def run(settings: Settings, model: TwinModel, stop: threading.Event | None = Non
 
     Raises BridgeError if Kafka fails, LoginRefusedError if the broker refuses the login.
     """
-    MqttBridge(settings, model).run(stop)
+    with metrics.serving(settings.metrics, settings.metrics.mqtt_bridge_port, "mqtt_bridge_port"):
+        MqttBridge(settings, model).run(stop)

@@ -38,6 +38,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from connectors.kafka import ensure_topics, reliable_producer
 from connectors.opcua import certificate_der, certificate_uri, fingerprint
+from twinflow import metrics
 from twinflow.errors import TwinflowError
 from twinflow.settings import OpcUaSettings, Settings
 from twinflow.topics import ingest_topics
@@ -185,16 +186,18 @@ def run(settings: Settings, model: TwinModel, stop: threading.Event | None = Non
     :class:`OpcUaSecurityError` when the server is not the pinned one or refuses the
     bridge's credentials; connection failures are retried with backoff.
     """
-    ensure_topics(settings.kafka, ingest_topics(settings.topics))
-    bridge = _Bridge(settings, model, stop or threading.Event())
-    try:
-        asyncio.run(bridge.forward())
-    except BaseException:
-        # Keep what was received, but let the first failure be the one raised.
-        with contextlib.suppress(DeliveryError):
-            bridge.finish()
-        raise
-    bridge.finish()
+    port = settings.metrics.opcua_bridge_port
+    with metrics.serving(settings.metrics, port, "opcua_bridge_port"):
+        ensure_topics(settings.kafka, ingest_topics(settings.topics))
+        bridge = _Bridge(settings, model, stop or threading.Event())
+        try:
+            asyncio.run(bridge.forward())
+        except BaseException:
+            # Keep what was received, but let the first failure be the one raised.
+            with contextlib.suppress(DeliveryError):
+                bridge.finish()
+            raise
+        bridge.finish()
 
 
 class _ConnectionLost(Exception):
@@ -215,6 +218,9 @@ class _Bridge:
         self._last_reading_at: float | None = None
         self._lost_at: float | None = None
         self._next_stats = time.monotonic() + STATS_INTERVAL_S
+        self._connected = metrics.bridge_connected.labels("opcua")
+        self._received_total = metrics.bridge_received.labels("opcua")
+        self._forwarded = metrics.bridge_forwarded.labels("opcua")
 
     async def forward(self) -> None:
         backoff = _FIRST_BACKOFF_S
@@ -226,8 +232,10 @@ class _Bridge:
                 await self._secure(client)
                 await client.connect()
                 connected = True
+                self._connected.set(1)
                 if connected_before:
                     self._reconnects += 1
+                    metrics.bridge_reconnects.labels("opcua").inc()
                 connected_before = True
                 backoff = _FIRST_BACKOFF_S
                 await self._stream(client)
@@ -241,6 +249,7 @@ class _Bridge:
             except (OSError, UaError, _ConnectionLost) as exc:
                 self._lost(exc, backoff)
             finally:
+                self._connected.set(0)
                 if connected:
                     await self._close(client)
             await self._sleep(backoff)
@@ -418,17 +427,20 @@ class _Bridge:
 
     def _on_change(self, item: ua.MonitoredItemNotification) -> None:
         self._received += 1
+        self._received_total.inc()
         handle = int(item.ClientHandle)
         sensor = self._sensors[handle]
         payload = encode_reading(sensor, item.Value)
         if payload is None:
             self._gaps += 1
+            metrics.bridge_skipped.labels("opcua", "no_value").inc()
             log.debug("no reading in %s: %s", sensor.source, item.Value.StatusCode)
             return
         # A new subscription starts with each item's current value, which the bridge
         # already produced if the server kept running.
         if self._last_sent.get(sensor.node_id) == payload:
             self._repeats += 1
+            metrics.bridge_skipped.labels("opcua", "repeat").inc()
             return
         self._last_sent[sensor.node_id] = payload
         now = time.monotonic()
@@ -463,6 +475,7 @@ class _Bridge:
     def _delivered(self, error: KafkaError | None, _message: Message) -> None:
         if error is None:
             self._produced += 1
+            self._forwarded.inc()
         elif self._failure is None:
             self._failure = error
 

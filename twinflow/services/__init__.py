@@ -1,1 +1,1 @@
-"""Local Kafka, QuestDB and Mosquitto on loopback, without Docker."""
+"""Local Kafka, QuestDB, Mosquitto and Prometheus on loopback, without Docker."""

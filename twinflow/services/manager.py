@@ -22,12 +22,15 @@ from twinflow.services.process import (
     spawn,
     terminate,
 )
+from twinflow.services.prometheus import PrometheusService
 from twinflow.services.provision import Progress
 from twinflow.services.questdb import QuestDBService
 from twinflow.settings import Settings, env_name
 
+# Start order; `down` stops in reverse. Prometheus comes last: it only scrapes the others.
 SERVICE_TYPES: dict[str, type[LocalService]] = {
-    service.name: service for service in (KafkaService, QuestDBService, MosquittoService)
+    service.name: service
+    for service in (KafkaService, QuestDBService, MosquittoService, PrometheusService)
 }
 SERVICE_NAMES = tuple(SERVICE_TYPES)
 

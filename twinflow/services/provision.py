@@ -1,4 +1,4 @@
-"""First-run installs: Debian packages and the Kafka/QuestDB jars from Maven Central.
+"""First-run installs: Debian packages, their unpacked files and the Kafka/QuestDB jars.
 
 Every step is idempotent and cheap once done, shows progress while it downloads, and on
 failure says what was tried and what to do next.
@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def find_executable(name: str) -> str | None:
     return None
 
 
-def _stream(argv: Sequence[str], report: Callable[[str], None]) -> str:
-    """Run argv, handing every output line to ``report``; return the whole output."""
+def _stream(
+    argv: Sequence[str], report: Callable[[str], None], cwd: str | Path | None = None
+) -> str:
+    """Run argv (in ``cwd``), handing every output line to ``report``; return the output."""
     lines: list[str] = []
     with subprocess.Popen(
         list(argv),
@@ -52,6 +55,7 @@ def _stream(argv: Sequence[str], report: Callable[[str], None]) -> str:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
+        cwd=cwd,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
     ) as proc:
         assert proc.stdout is not None
@@ -120,6 +124,52 @@ def _apt_install(packages: list[str], progress: Progress) -> None:
             f"apt-get could not install {packages} (exit {exc.returncode}). "
             f"Are the Debian package mirrors reachable?\n{tail}"
         ) from None
+
+
+def extract_debian_package(package: str, dest: Path, progress: Progress) -> Path:
+    """Unpack Debian's ``package`` into ``dest`` without installing it; return ``dest``.
+
+    Installing would run the package's maintainer scripts, which may start a system-wide
+    daemon; the files alone are enough to run a binary from ``dest``. The unpacked tree
+    is reused as it is once there.
+    """
+    if dest.is_dir():
+        return dest
+    apt, dpkg_deb = shutil.which("apt-get"), shutil.which("dpkg-deb")
+    if apt is None or dpkg_deb is None:
+        raise ProvisionError(
+            f"cannot fetch Debian's {package} package here (no apt-get/dpkg-deb); "
+            f"install {package} yourself so that it is on PATH"
+        )
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"downloading Debian's {package} package (first run only; not installed)")
+    report = _matching(r"^((?:Get:\d+|Fetched|E:) .*)", progress)
+    with tempfile.TemporaryDirectory(prefix=f"twinflow-{package}-") as download:
+        argv = [apt, "download", package]
+        try:
+            try:
+                _stream(argv, report, cwd=download)
+            except subprocess.CalledProcessError:
+                # Package lists missing (a fresh container) or stale (the version they
+                # name is gone from the mirror): refresh them once and try again.
+                progress("refreshing the Debian package lists (apt-get update)")
+                _stream([apt, "update"], report)
+                _stream(argv, report, cwd=download)
+            (deb,) = Path(download).glob(f"{package}_*.deb")
+            progress(f"unpacking {deb.name}")
+            _stream([dpkg_deb, "-x", str(deb), str(staging)], progress)
+        except (OSError, subprocess.CalledProcessError, ValueError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            output = getattr(exc, "output", None) or str(exc)
+            tail = "\n".join(str(output).splitlines()[-8:])
+            raise ProvisionError(
+                f"could not fetch Debian's {package} package (are the Debian package mirrors "
+                f"reachable? as a non-root user, install {package} yourself):\n{tail}"
+            ) from None
+    staging.rename(dest)
+    return dest
 
 
 def resolve_java(configured: str, progress: Progress) -> str:

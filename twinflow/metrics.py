@@ -1,0 +1,158 @@
+"""Prometheus metrics of the flow and the bridges, and the endpoint that serves them.
+
+Every metric is named ``twinflow_*`` and documented in the README ("Metrics"). They
+live in ``prometheus_client``'s process-wide registry, which also carries the
+``process_*`` metrics (CPU, memory, open files); worker threads of one process share
+the counters. Metric objects are never part of Bytewax state: recovery snapshots only
+per-entity state, and a restarted process counts from zero, as Prometheus expects of
+counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from schemas.raw import Reason
+from twinflow.errors import ConfigError
+from twinflow.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, MetricsSettings
+
+log = logging.getLogger("twinflow.metrics")
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LAG_SECONDS = (0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600, 86_400)
+
+# The flow (`twinflow run`), in the order data moves through its steps.
+messages_consumed = Counter(
+    "twinflow_messages_consumed",
+    "Kafka messages read by the flow's sources (steps raw_in, deadletters_in)",
+    ["topic"],
+)
+consumer_lag = Gauge(
+    "twinflow_kafka_consumer_lag",
+    "Messages in a partition the flow has not read yet (high watermark - next offset)",
+    ["topic", "partition"],
+)
+readings_accepted = Counter(
+    "twinflow_readings_accepted",
+    "Readings the twins step accepted into windows and the readings table (flagged included)",
+)
+readings_flagged = Counter(
+    "twinflow_readings_flagged",
+    "Accepted readings carrying a quality flag (spike, stuck, bad quality, ...)",
+)
+late_readings = Counter(
+    "twinflow_late_readings",
+    "Readings behind their entity's allowed lateness, sent to twin.late",
+)
+dead_letters = Counter(
+    "twinflow_dead_letters",
+    "Messages and readings the flow sent to twin.deadletter, by reason code",
+    ["reason"],
+)
+windows_closed = Counter("twinflow_windows_closed", "Sensor windows closed and emitted")
+window_close_lag = Histogram(
+    "twinflow_window_close_lag_seconds",
+    "Wall time at a window's close minus its end (event time); for a replay of old data "
+    "this is the data's age",
+    buckets=_LAG_SECONDS,
+)
+anomalies = Counter("twinflow_anomalies", "Windows scored above their entity's threshold")
+step_seconds = Histogram(
+    "twinflow_step_seconds",
+    "Duration of one call of a flow step on one batch",
+    ["step"],
+    buckets=_SECONDS,
+)
+questdb_rows = Counter(
+    "twinflow_questdb_rows_written", "Rows QuestDB acknowledged, by table", ["table"]
+)
+questdb_flush_seconds = Histogram(
+    "twinflow_questdb_flush_seconds",
+    "Duration of one ILP/HTTP flush (one write batch, every table in one request)",
+    buckets=_SECONDS,
+)
+kafka_records = Counter(
+    "twinflow_kafka_records_produced",
+    "Output records Kafka acknowledged, by topic",
+    ["topic"],
+)
+kafka_delivery_seconds = Histogram(
+    "twinflow_kafka_delivery_seconds",
+    "Time to produce one write batch and receive every delivery report",
+    buckets=_SECONDS,
+)
+sink_failures = Counter(
+    "twinflow_sink_failures",
+    "Write batches a sink could not deliver; each one stops the flow for a replay",
+    ["sink"],
+)
+# Zero series to graph rather than none, so "no errors" reads as 0 and not as no data.
+for _reason in Reason:
+    dead_letters.labels(_reason.value)
+for _sink in ("questdb", "kafka"):
+    sink_failures.labels(_sink)
+
+# The bridges (`twinflow bridge mqtt|opcua`).
+bridge_received = Counter(
+    "twinflow_bridge_messages_received",
+    "MQTT messages or OPC UA value changes a bridge received",
+    ["bridge"],
+)
+bridge_forwarded = Counter(
+    "twinflow_bridge_messages_forwarded",
+    "Messages Kafka acknowledged on the raw topic",
+    ["bridge"],
+)
+bridge_dead_letters = Counter(
+    "twinflow_bridge_dead_letters",
+    "Messages a bridge sent to twin.deadletter (acknowledged), by reason code",
+    ["bridge", "reason"],
+)
+bridge_skipped = Counter(
+    "twinflow_bridge_values_skipped",
+    "OPC UA value changes not forwarded: no usable value (bad status), or a repeat of "
+    "the value already sent (a new subscription's initial values)",
+    ["bridge", "why"],
+)
+bridge_connected = Gauge(
+    "twinflow_bridge_connected",
+    "1 while the bridge holds its MQTT session or OPC UA subscription, else 0",
+    ["bridge"],
+)
+bridge_reconnects = Counter(
+    "twinflow_bridge_reconnects",
+    "Connections a bridge lost and set up again",
+    ["bridge"],
+)
+
+
+@contextmanager
+def serving(settings: MetricsSettings, port: int, setting: str) -> Iterator[str | None]:
+    """Serve ``/metrics`` on ``settings.host:port`` while the block runs; yield its URL.
+
+    ``setting`` names the port's setting for the error when the port is taken. Yields
+    None, serving nothing, when metrics are off.
+    """
+    if not settings.enabled:
+        yield None
+        return
+    try:
+        server, thread = start_http_server(port, addr=settings.host)
+    except OSError as exc:
+        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(("METRICS", setting.upper()))
+        raise ConfigError(
+            f"metrics.{setting}: cannot serve metrics on {settings.host}:{port} ({exc}). "
+            f"Set {env} to a free port, or {ENV_PREFIX}METRICS__ENABLED=false"
+        ) from None
+    url = f"http://{settings.host}:{port}/metrics"
+    log.info("metrics at %s", url)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
