@@ -56,7 +56,8 @@ def observe(out: StepOutput, now_ms: int) -> None:
         metrics.dead_letters.labels(reason).inc(count)
     if out.windows:
         metrics.windows_closed.inc(len(out.windows))
-        # One observation per window end: the windows of a step mostly share a few ends.
+        # Each window is one observation; its lag depends only on its end, and the
+        # windows of one step share a few ends.
         for end_ms, count in Counter(window.window_end_ms for window in out.windows).items():
             lag_s = max(0.0, (now_ms - end_ms) / 1000)
             for _ in range(count):
