@@ -434,8 +434,11 @@ def bench(
         out=out_dir,
         profile=profile,
     )
+    settings = _settings()
+    with err.status("starting services…"):
+        manager.up(settings, [], _progress)
     try:
-        report = run_bench(_settings(), options, _progress)
+        report = run_bench(settings, options, _progress)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     out.print(report.read_text())
