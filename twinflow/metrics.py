@@ -18,7 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from schemas.raw import Reason
 from twinflow.errors import ConfigError
-from twinflow.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, MetricsSettings
+from twinflow.settings import MetricsSettings, env_name
 
 log = logging.getLogger("twinflow.metrics")
 
@@ -143,10 +143,10 @@ def serving(settings: MetricsSettings, port: int, setting: str) -> Iterator[str 
     try:
         server, thread = start_http_server(port, addr=settings.host)
     except OSError as exc:
-        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(("METRICS", setting.upper()))
         raise ConfigError(
             f"metrics.{setting}: cannot serve metrics on {settings.host}:{port} ({exc}). "
-            f"Set {env} to a free port, or {ENV_PREFIX}METRICS__ENABLED=false"
+            f"Set {env_name(('metrics', setting))} to a free port, or "
+            f"{env_name(('metrics', 'enabled'))}=false"
         ) from None
     url = f"http://{settings.host}:{port}/metrics"
     log.info("metrics at %s", url)
