@@ -12,12 +12,13 @@ from typing import Any
 
 import msgspec
 
-from schemas.outputs import VERSION, Anomaly, LateReading, TwinState
+from schemas.outputs import VERSION, Alarm, Anomaly, LateReading, TwinState
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 OUTPUT_TOPICS: dict[str, tuple[type[msgspec.Struct], str]] = {
     "twin_state": (TwinState, "twin.state (compacted; key = entity_id)"),
     "anomaly": (Anomaly, "twin.anomalies (key = entity_id)"),
+    "alarm": (Alarm, "twin.alarms (key = entity_id)"),
     "late_reading": (LateReading, "twin.late (key = entity_id)"),
 }
 

@@ -96,6 +96,59 @@ class Anomaly(msgspec.Struct, frozen=True):
     version: int = VERSION
 
 
+class AlarmKind(StrEnum):
+    """What an alarm is about."""
+
+    ANOMALY = "anomaly"
+    """The entity's anomaly model flagged its windows."""
+
+
+class AlarmEvent(StrEnum):
+    """A transition in an alarm's life; each is emitted once."""
+
+    RAISED = "raised"
+    """The first anomalous window of an incident."""
+    CLEARED = "cleared"
+    """Enough normal windows in a row after the last anomalous one."""
+    REBASELINED = "rebaselined"
+    """Active for so long that the model accepted the entity's level as its new normal."""
+
+
+class Alarm(msgspec.Struct, frozen=True):
+    """One transition of one alarm (topic ``twin.alarms``, table ``alarms``).
+
+    An alarm is one incident: raised at its first anomalous window, active while the
+    model keeps flagging, ended once (cleared or re-baselined). ``alarm_id`` is stable
+    (entity and start), so a consumer can fold the events of one alarm into its state.
+    """
+
+    msg_id: str
+    """``<alarm_id>/<event>``: the same whenever the flow emits this transition again."""
+    alarm_id: str
+    """``<entity_id>@<start_ms>``."""
+    entity_id: str
+    kind: AlarmKind
+    event: AlarmEvent
+    active: bool
+    """Whether the alarm is active after this transition."""
+    ts_ms: int
+    """Event time of the transition: the end of the window that caused it."""
+    start_ms: int
+    """Start of the window that raised the alarm."""
+    end_ms: int | None
+    """When it ended (None while active): the end of its last anomalous window if it
+    cleared, the transition's time if it was re-baselined."""
+    peak_score: float
+    """Highest window score so far."""
+    threshold: float
+    anomalous_windows: int
+    """Anomalous windows in the incident so far."""
+    contributions: list[Contribution]
+    """The features that explained the peak window, largest weight first, with the
+    range the model expected."""
+    version: int = VERSION
+
+
 class SensorState(msgspec.Struct, frozen=True):
     """The latest clean reading of one sensor."""
 
@@ -115,6 +168,8 @@ class Counts(msgspec.Struct, frozen=True):
     dead_letters: int = 0
     windows: int = 0
     anomalies: int = 0
+    alarms: int = 0
+    """Alarms raised."""
 
 
 class TwinState(msgspec.Struct, frozen=True):
@@ -131,6 +186,8 @@ class TwinState(msgspec.Struct, frozen=True):
     sensors: dict[str, SensorState]
     derived: dict[str, float | None]
     counts: Counts
+    active_alarms: list[str] = msgspec.field(default_factory=list)
+    """Ids of the entity's active alarms (see :class:`Alarm`)."""
     version: int = VERSION
 
 

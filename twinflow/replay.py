@@ -5,7 +5,11 @@ and the excluded ones is a sensor. Rows go, in file order, through the same code
 flow runs for an entity once its readings are clean: the window features of
 :func:`~twinflow.windows.window_features` (tumbling windows of ``window_rows`` rows) and
 :meth:`~twinflow.detection.EntityDetector.process_window` of one detector with the flow's
-defaults. A window's score and verdict go to each of its rows. Time is the row's
+defaults. A window's score goes to each of its rows; ``is_anomaly`` says whether the entity has
+an active alarm once the window is judged (the alarm lifecycle of
+:class:`~twinflow.detection.EntityMonitor`, as in the flow), and ``alarm_raised`` marks
+the last row of a window that raised a new alarm: the row at which the flow would have
+raised it, one per incident. Time is the row's
 position (window ``k`` holds rows ``k·w .. k·w + w - 1``), so the time column is copied,
 never parsed, and gaps or repeated timestamps change nothing.
 
@@ -23,7 +27,7 @@ window without any reading at all is not scored (its rows get an empty score).
 >>> summary.rows, summary.sensors, summary.anomalies
 (70, ('a',), 0)
 >>> out.getvalue().splitlines()[0]
-'timestamp,score,is_anomaly'
+'timestamp,score,is_anomaly,alarm_raised'
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ from typing import TextIO
 
 import numpy as np
 
-from twinflow.detection import DetectorConfig, EntityDetector
+from twinflow.detection import DetectorConfig, EntityMonitor
 from twinflow.errors import TwinflowError
 from twinflow.windows import WindowReadings, window_features
 
-OUTPUT_COLUMNS = ("timestamp", "score", "is_anomaly")
+OUTPUT_COLUMNS = ("timestamp", "score", "is_anomaly", "alarm_raised")
 MISSING = frozenset({"", "nan", "na", "null", "none"})
 """Cells (lower-cased, stripped) that mean "no reading", as NaN does."""
 _ROW_MS = 1000
@@ -95,6 +99,9 @@ class ReplayRow:
     """NaN when the row's window had no reading at all."""
     threshold: float | None
     is_anomaly: bool
+    """The row lies inside an active alarm."""
+    alarm_raised: bool
+    """The row is the last of a window that raised a new alarm."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,9 @@ class ReplaySummary:
     rows: int
     windows: int
     anomalies: int
-    """Rows flagged."""
+    """Rows inside an active alarm."""
+    alarms: int
+    """Alarms raised."""
     sensors: tuple[str, ...]
     threshold: float | None
     """The threshold fixed at the end of the warm-up (None if the file ended first)."""
@@ -182,7 +191,7 @@ def replay_rows(
     delimiter = _delimiter(first, options.delimiter)
     reader = csv.reader(_chain(first, iterator), delimiter=delimiter)
     layout = _layout(next(reader), options, source)
-    detector = EntityDetector(config)
+    monitor = EntityMonitor("replay", config)
     sensors = [name for _, name in layout.sensors]
     length_ms = options.window_rows * _ROW_MS
     window: tuple[list[int], list[int], list[float]] = ([], [], [])
@@ -201,14 +210,20 @@ def replay_rows(
         )
         parts = window_features(closed, length_ms, ["replay"] * len(sensors), sensors)
         by_sensor = {sensors[p.series]: p.features for p in parts if p.features is not None}
-        score, threshold, flagged = math.nan, detector.threshold, False
+        score, threshold, raised = math.nan, monitor.detector.threshold, False
         if by_sensor:
-            detection = detector.process_window(by_sensor)
-            score, threshold, flagged = detection.score, detection.threshold, detection.is_anomaly
+            start_ms = window_count * length_ms
+            verdict = monitor.process_window(by_sensor, start_ms, start_ms + length_ms)
+            score, threshold, raised = (
+                verdict.detection.score,
+                verdict.detection.threshold,
+                verdict.raised,
+            )
+        in_alarm = bool(monitor.alarms.active_ids)
         window_count += 1
-        anomalies += flagged * len(pending)
-        for timestamp in pending:
-            yield ReplayRow(timestamp, score, threshold, flagged)
+        anomalies += in_alarm * len(pending)
+        for i, timestamp in enumerate(pending, start=1):
+            yield ReplayRow(timestamp, score, threshold, in_alarm, raised and i == len(pending))
         pending.clear()
         for column in window:
             column.clear()
@@ -240,8 +255,9 @@ def replay_rows(
         rows=rows,
         windows=window_count,
         anomalies=anomalies,
+        alarms=monitor.alarms.raised,
         sensors=tuple(name for _, name in layout.sensors),
-        threshold=detector.threshold,
+        threshold=monitor.detector.threshold,
         warmup_windows=config.warmup_windows,
     )
 
@@ -252,7 +268,7 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 def replay_csv(source: TextIO, out: TextIO, options: ReplayOptions) -> ReplaySummary:
-    """Replay ``source`` into ``out`` (``timestamp,score,is_anomaly``); the summary."""
+    """Replay ``source`` into ``out`` (``OUTPUT_COLUMNS``); the summary."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(OUTPUT_COLUMNS)
     name = getattr(source, "name", "input")
@@ -260,7 +276,7 @@ def replay_csv(source: TextIO, out: TextIO, options: ReplayOptions) -> ReplaySum
         if isinstance(item, ReplaySummary):
             return item
         score = "" if math.isnan(item.score) else repr(item.score)
-        writer.writerow((item.timestamp, score, int(item.is_anomaly)))
+        writer.writerow((item.timestamp, score, int(item.is_anomaly), int(item.alarm_raised)))
     raise AssertionError("replay_rows always ends with a summary")
 
 

@@ -58,7 +58,7 @@ def test_one_row_per_input_row_in_order_with_the_timestamp_copied(tmp_path: Path
     rows = signal_rows()
     out = replay(write(tmp_path / "in.csv", rows), **LABELLED)
     assert [r["timestamp"] for r in out] == [row[0] for row in rows]
-    assert list(out[0]) == ["timestamp", "score", "is_anomaly"]
+    assert list(out[0]) == ["timestamp", "score", "is_anomaly", "alarm_raised"]
     assert {r["is_anomaly"] for r in out} <= {"0", "1"}
     assert all(math.isfinite(float(r["score"])) for r in out)
 

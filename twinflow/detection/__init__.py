@@ -8,6 +8,7 @@ Pure code: no I/O, no Bytewax, no Kafka, so the flow and the offline ``replay`` 
 True
 """
 
+from twinflow.detection.alarms import AlarmPolicy, AlarmTracker
 from twinflow.detection.detector import (
     DEFAULT_FLOORS,
     Detection,
@@ -16,6 +17,7 @@ from twinflow.detection.detector import (
     Kind,
 )
 from twinflow.detection.features import FEATURES, feature_vector, split_feature
+from twinflow.detection.monitor import EntityMonitor, Verdict
 from twinflow.detection.scorers import (
     Aggregate,
     FeatureDeviation,
@@ -31,11 +33,14 @@ __all__ = [
     "DEFAULT_FLOORS",
     "FEATURES",
     "Aggregate",
+    "AlarmPolicy",
+    "AlarmTracker",
     "Decision",
     "DecisionRule",
     "Detection",
     "DetectorConfig",
     "EntityDetector",
+    "EntityMonitor",
     "FeatureDeviation",
     "FeatureSmoother",
     "HalfSpaceTreesScorer",
@@ -44,6 +49,7 @@ __all__ = [
     "ScoreThreshold",
     "Scorer",
     "Standardizer",
+    "Verdict",
     "ZScoreScorer",
     "feature_vector",
     "split_feature",

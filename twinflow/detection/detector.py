@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from schemas.outputs import Anomaly, Contribution, SensorWindow
+from twinflow.detection.alarms import AlarmPolicy
 from twinflow.detection.features import feature_vector, split_feature
 from twinflow.detection.scorers import (
     Aggregate,
@@ -90,6 +91,11 @@ class DetectorConfig:
     """Reference window of the trees; their scores are 0 until it is full."""
     hst_z_range: float = 8.0
     """Standardized values in ±this span the trees' unit interval."""
+    clear_windows: int = 3
+    """Normal windows in a row that clear an active alarm (see :mod:`~.alarms`)."""
+    rebaseline_windows: int | None = 360
+    """An alarm active this many windows ends as re-baselined and the model accepts the
+    entity's level as normal (None: never)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", Kind(self.kind))
@@ -102,12 +108,18 @@ class DetectorConfig:
                 f"windows to calibrate the threshold on (calibration starts at window "
                 f"{self.calibrate_from}); raise it"
             )
+        self.alarm_policy  # noqa: B018 (validates the alarm settings)
         if (
             not 0.5 < self.quantile < 1
             or self.fence < 0
             or not 1 <= self.persist_k <= self.persist_n
         ):
             raise ValueError("need 0.5 < quantile < 1, fence >= 0 and 1 <= persist_k <= persist_n")
+
+    @property
+    def alarm_policy(self) -> AlarmPolicy:
+        """When the entity's alarms clear or re-baseline."""
+        return AlarmPolicy(self.clear_windows, self.rebaseline_windows)
 
     @property
     def calibrate_from(self) -> int:
@@ -289,6 +301,21 @@ class EntityDetector:
             contributions=contributions,
             model=self.config.model_name,
         )
+
+    def rebaseline(self) -> None:
+        """Accept the entity's current level as its normal.
+
+        Every feature's learned mean moves to its current smoothed value; what the model
+        learned of each feature's variability stays, and so does the threshold. Recent
+        exceedances are forgotten, so the next window is judged against the new level
+        only. Called when an alarm has lasted long enough to be a new operating point
+        (:class:`~twinflow.detection.alarms.AlarmTracker`), and by an operator's verdict
+        that an alarm was normal.
+        """
+        if self._scorer is None or self._rule is None or self._smoother is None:
+            return
+        self._scorer.rebaseline(self._smoother.means)
+        self._rule.persistence.recent.clear()
 
     def explain(self, x: Mapping[str, float]) -> list[FeatureDeviation]:
         """Every scored feature of ``x`` against the current model, largest share first."""

@@ -60,6 +60,9 @@ class Scorer(Protocol):
         """Every scored feature of ``x``, largest share first."""
         ...
 
+    def rebaseline(self, levels: Mapping[str, float]) -> None:
+        """Take ``levels`` as the features' normal means from now on."""
+
 
 class _Moments:
     """Running mean and variance of one feature, forgetting slowly.
@@ -152,6 +155,13 @@ class Standardizer:
         level = (level_stats or moments).mean
         floor = max(self.abs_floor, self.rel_floor * abs(level))
         return moments.mean, math.sqrt(moments.var + floor * floor)
+
+    def move_means(self, levels: Mapping[str, float]) -> None:
+        """Move the learned means of the features in ``levels`` there; variances stay."""
+        for feature, level in levels.items():
+            moments = self.stats.get(feature)
+            if moments is not None:
+                moments.mean = level
 
     def z_scores(self, x: Mapping[str, float]) -> dict[str, tuple[float, float, float]]:
         """``feature -> (z, mean, std)`` for the features of ``x`` that were learned."""
@@ -255,6 +265,10 @@ class ZScoreScorer(AnomalyDetector):
             {f: v for f, v in x.items() if f not in z_scores or abs(z_scores[f][0]) <= gate}
         )
 
+    def rebaseline(self, levels: Mapping[str, float]) -> None:
+        """Take ``levels`` as the features' normal means from now on."""
+        self.standardizer.move_means(levels)
+
     def score_one(self, x: dict[Any, float]) -> float:
         """The aggregated z-score of ``x`` (0 when nothing in it was learned yet)."""
         z_scores = self.standardizer.z_scores(x)
@@ -357,6 +371,10 @@ class HalfSpaceTreesScorer(AnomalyDetector):
                 )
             self.trees.learn_one(self._unit(x, fill=first))  # type: ignore[no-untyped-call]
         self.standardizer.learn_one(x)
+
+    def rebaseline(self, levels: Mapping[str, float]) -> None:
+        """Take ``levels`` as the features' normal means; the trees see them as the centre."""
+        self.standardizer.move_means(levels)
 
     def score_one(self, x: dict[Any, float]) -> float:
         """The trees' log-mass score (0 while they hold no reference window)."""
