@@ -2,7 +2,9 @@
 
 Tables are never left to ILP auto-creation: each is a :class:`TableSpec` created as a
 WAL table with a designated event-time timestamp and ``DEDUP UPSERT KEYS``, so a replay
-after a crash rewrites identical rows instead of duplicating them.
+after a crash rewrites identical rows instead of duplicating them. A table created by
+an older twinflow gets the columns added since (older rows read NULL there); one whose
+keys or column types differ is refused, naming the fix.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +24,8 @@ import pandas as pd
 
 from twinflow.errors import TwinflowError
 from twinflow.settings import QuestDBSettings
+
+log = logging.getLogger("twinflow.questdb")
 
 
 class QuestDBError(TwinflowError):
@@ -118,17 +124,32 @@ class TableSpec:
     def create_sql(self) -> str:
         """``CREATE TABLE IF NOT EXISTS`` for this spec.
 
+        Column names are quoted: some (``end``) are SQL keywords.
+
         >>> spec = TableSpec("t", (("ts", "TIMESTAMP"), ("entity", "SYMBOL")), "ts",
         ...                  ("ts", "entity"))
         >>> print(spec.create_sql())
-        CREATE TABLE IF NOT EXISTS "t" (ts TIMESTAMP, entity SYMBOL) TIMESTAMP(ts) PARTITION BY DAY WAL DEDUP UPSERT KEYS(ts, entity)
+        CREATE TABLE IF NOT EXISTS "t" ("ts" TIMESTAMP, "entity" SYMBOL) TIMESTAMP("ts") PARTITION BY DAY WAL DEDUP UPSERT KEYS("ts", "entity")
         """  # noqa: E501
-        columns = ", ".join(f"{name} {kind}" for name, kind in self.columns)
+        columns = ", ".join(f'"{name}" {kind}' for name, kind in self.columns)
         return (
             f'CREATE TABLE IF NOT EXISTS "{self.name}" ({columns}) '
-            f"TIMESTAMP({self.timestamp}) PARTITION BY {self.partition_by} WAL "
-            f"DEDUP UPSERT KEYS({', '.join(self.dedup_keys)})"
+            f'TIMESTAMP("{self.timestamp}") PARTITION BY {self.partition_by} WAL '
+            f"DEDUP UPSERT KEYS({_names(self.dedup_keys)})"
         )
+
+    def add_column_sql(self, column: str) -> str:
+        """``ALTER TABLE ... ADD COLUMN`` for one of this spec's columns.
+
+        >>> spec = TableSpec("t", (("ts", "TIMESTAMP"), ("end", "TIMESTAMP")), "ts", ("ts",))
+        >>> print(spec.add_column_sql("end"))
+        ALTER TABLE "t" ADD COLUMN "end" TIMESTAMP
+        """
+        return f'ALTER TABLE "{self.name}" ADD COLUMN "{column}" {dict(self.columns)[column]}'
+
+
+def _names(columns: tuple[str, ...]) -> str:
+    return ", ".join(f'"{name}"' for name in columns)
 
 
 @dataclass(frozen=True)
@@ -147,21 +168,27 @@ class TableBatch:
         return tuple(name for name, kind in self.spec.columns if kind == "SYMBOL")
 
 
-def ensure_table(sql: QuestDBHttp, spec: TableSpec) -> None:
-    """Create ``spec`` if missing; refuse a table that exists without its dedup keys."""
+def ensure_table(sql: QuestDBHttp, spec: TableSpec, timeout_s: float = 30.0) -> list[str]:
+    """Create ``spec`` if missing, add the columns it lacks; return the added ones.
+
+    An existing table is checked against the spec: a column the spec has and the table
+    lacks (a table from an older twinflow) is added, its older rows NULL there. A table
+    without the spec's DEDUP UPSERT KEYS, designated timestamp or WAL, or with a column
+    of another type, is refused with a :class:`QuestDBError` that names the fix:
+    changing either under the flow's feet could lose or duplicate rows. Columns the spec
+    does not know are left alone.
+    """
     sql.exec(spec.create_sql())
-    result = sql.exec(
-        f"SELECT \"column\", upsertKey, designated FROM table_columns('{spec.name}')"  # noqa: S608 - names come from code
-    )
-    upsert_keys = {row[0] for row in result.rows if row[1]}
-    designated = [row[0] for row in result.rows if row[2]]
+    columns = _columns(sql, spec)
     wal = sql.exec(f"SELECT walEnabled FROM tables() WHERE table_name = '{spec.name}'")  # noqa: S608
     problems = []
+    upsert_keys = {name for name, column in columns.items() if column.upsert_key}
     if upsert_keys != set(spec.dedup_keys):
         problems.append(
             f"its DEDUP UPSERT KEYS are {sorted(upsert_keys) or 'not set'}, "
             f"expected {sorted(spec.dedup_keys)}"
         )
+    designated = [name for name, column in columns.items() if column.designated]
     if designated != [spec.timestamp]:
         problems.append(f"its designated timestamp is {designated}, expected {spec.timestamp}")
     if not (wal.rows and wal.rows[0][0]):
@@ -172,3 +199,64 @@ def ensure_table(sql: QuestDBHttp, spec: TableSpec) -> None:
             f'would duplicate rows. Fix it with ALTER TABLE "{spec.name}" DEDUP ENABLE '
             f"UPSERT KEYS({', '.join(spec.dedup_keys)}) or drop the table."
         )
+    missing = [name for name, _kind in spec.columns if name not in columns]
+    for name in missing:
+        try:
+            sql.exec(spec.add_column_sql(name))
+        except QuestDBError as exc:
+            # Another process of the flow (a cluster) may have added it a moment ago.
+            if "duplicate column" not in str(exc):
+                raise
+        else:
+            log.info("table %s: added column %s %s", spec.name, name, dict(spec.columns)[name])
+    if missing:
+        # A WAL table applies an ALTER asynchronously; wait for it, then check the types.
+        columns = _columns_once_applied(sql, spec, missing, timeout_s)
+    retyped = [
+        (name, columns[name].type, kind)
+        for name, kind in spec.columns
+        if columns[name].type != kind
+    ]
+    if retyped:
+        found = ", ".join(f"{name} is {actual}, expected {kind}" for name, actual, kind in retyped)
+        fixes = "; ".join(
+            f'ALTER TABLE "{spec.name}" ALTER COLUMN "{name}" TYPE {kind}'
+            for name, _actual, kind in retyped
+        )
+        raise QuestDBError(
+            f"table {spec.name!r} exists with other column types than twinflow writes: "
+            f"{found}. Rows would be rejected. Fix it with {fixes}, or drop the table."
+        )
+    return missing
+
+
+@dataclass(frozen=True)
+class _Column:
+    type: str
+    upsert_key: bool
+    designated: bool
+
+
+def _columns(sql: QuestDBHttp, spec: TableSpec) -> dict[str, _Column]:
+    result = sql.exec(
+        'SELECT "column", type, upsertKey, designated '  # noqa: S608 - names come from code
+        f"FROM table_columns('{spec.name}')"
+    )
+    return {row[0]: _Column(row[1], bool(row[2]), bool(row[3])) for row in result.rows}
+
+
+def _columns_once_applied(
+    sql: QuestDBHttp, spec: TableSpec, added: list[str], timeout_s: float
+) -> dict[str, _Column]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        columns = _columns(sql, spec)
+        if all(name in columns for name in added):
+            return columns
+        if time.monotonic() > deadline:
+            raise QuestDBError(
+                f"table {spec.name!r}: QuestDB took ALTER TABLE ADD COLUMN for {added} but "
+                f"has not applied it after {timeout_s:g} s; is its WAL suspended? "
+                "(see wal_tables())"
+            )
+        time.sleep(0.1)

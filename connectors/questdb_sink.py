@@ -171,10 +171,11 @@ def table_frame(
     """A :class:`TableBatch` whose column dtypes are the ones the sink writes correctly.
 
     ``columns`` must name every column of ``spec``. TIMESTAMP values are epoch
-    milliseconds and become ``datetime64[ns, UTC]``; SYMBOL and VARCHAR
+    milliseconds and become ``datetime64[ns, UTC]`` (``None`` is NaT, which QuestDB
+    stores as NULL; never in the designated timestamp); SYMBOL and VARCHAR
     become pandas strings (``None`` is NULL); INT and LONG int64 (nullable ``Int64``
     when a value is ``None``); DOUBLE float64 (``None`` is NaN, which QuestDB stores
-    as NULL).
+    as NULL); BOOLEAN bool (QuestDB has no NULL boolean).
 
     >>> from twinflow.tables import READINGS
     >>> batch = table_frame(READINGS, {"ts": [1_700_000_000_000], "entity": ["pump-1"],
@@ -202,7 +203,15 @@ def _typed(kind: str, values: npt.ArrayLike) -> Any:
         array = np.asarray(values)
         if array.dtype.kind == "M":
             return pd.to_datetime(array, utc=True).as_unit("ns")
+        if array.dtype.kind == "O":  # a None among the values
+            millis = pd.array(array, dtype="Int64")
+            return pd.to_datetime(millis, unit="ms", utc=True).as_unit("ns")
         return pd.to_datetime(array.astype(np.int64), unit="ms", utc=True).as_unit("ns")
+    if kind == "BOOLEAN":
+        array = np.asarray(values)
+        if array.dtype.kind != "b":
+            raise ValueError(f"BOOLEAN values must be booleans, got {array.dtype}")
+        return array
     if kind in ("SYMBOL", "VARCHAR"):
         return pd.array(np.asarray(values, dtype=object), dtype="string")
     if kind in ("INT", "LONG"):

@@ -15,12 +15,12 @@ from twinflow.settings import TopicSettings
 from twinflow.tables import Tables
 from twinflow.twin import InputMessage, StepOutput
 
-_COUNTS = ("readings", "flagged", "duplicates", "late", "dead_letters", "anomalies")
+_COUNTS = ("readings", "flagged", "duplicates", "late", "dead_letters", "anomalies", "alarms")
 _FEATURES = ("count", "mean", "min", "max", "std", "last", "slope")
 
 
 def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
-    """Rows for readings, sensor_windows, twin_state and anomalies."""
+    """Rows for readings, sensor_windows, twin_state, anomalies and alarms."""
     batches = []
     if len(out.readings):
         readings = out.readings
@@ -64,6 +64,7 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "anomaly_score": [s.anomaly_score for s in states],
                     "threshold": [s.threshold for s in states],
                     **{name: [getattr(s.counts, name) for s in states] for name in _COUNTS},
+                    "active_alarms": [",".join(s.active_alarms) for s in states],
                 },
             )
         )
@@ -79,21 +80,47 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "score": [a.score for a in anomalies],
                     "threshold": [a.threshold for a in anomalies],
                     "model": [a.model for a in anomalies],
-                    "top_sensors": [
-                        ",".join(dict.fromkeys(c.sensor for c in a.contributions))
-                        for a in anomalies
-                    ],
-                    "explanation": [
-                        msgspec.json.encode(a.contributions).decode() for a in anomalies
-                    ],
+                    "top_sensors": [_top_sensors(a.contributions) for a in anomalies],
+                    "explanation": [_explanation(a.contributions) for a in anomalies],
+                },
+            )
+        )
+    if out.alarms:
+        alarms = out.alarms
+        batches.append(
+            table_frame(
+                tables.alarms,
+                {
+                    "ts": [a.ts_ms for a in alarms],
+                    "entity": [a.entity_id for a in alarms],
+                    "alarm_id": [a.alarm_id for a in alarms],
+                    "kind": [a.kind.value for a in alarms],
+                    "event": [a.event.value for a in alarms],
+                    "active": [a.active for a in alarms],
+                    "start": [a.start_ms for a in alarms],
+                    "end": [a.end_ms for a in alarms],
+                    "peak_score": [a.peak_score for a in alarms],
+                    "threshold": [a.threshold for a in alarms],
+                    "anomalous_windows": [a.anomalous_windows for a in alarms],
+                    "top_sensors": [_top_sensors(a.contributions) for a in alarms],
+                    "explanation": [_explanation(a.contributions) for a in alarms],
                 },
             )
         )
     return batches
 
 
+def _top_sensors(contributions: list[outputs.Contribution]) -> str:
+    """The sensors that explain a score, largest weight first, each once."""
+    return ",".join(dict.fromkeys(c.sensor for c in contributions))
+
+
+def _explanation(contributions: list[outputs.Contribution]) -> str:
+    return msgspec.json.encode(contributions).decode()
+
+
 def kafka_records(out: StepOutput, topics: TopicSettings) -> list[KafkaRecord]:
-    """Messages for twin.state, twin.anomalies, twin.late and twin.deadletter."""
+    """Messages for twin.state, twin.anomalies, twin.alarms, twin.late and twin.deadletter."""
     records = [
         KafkaRecord(topics.state, state.entity_id.encode(), outputs.encode(state))
         for state in out.states
@@ -101,6 +128,10 @@ def kafka_records(out: StepOutput, topics: TopicSettings) -> list[KafkaRecord]:
     records.extend(
         KafkaRecord(topics.anomalies, anomaly.entity_id.encode(), outputs.encode(anomaly))
         for anomaly in out.anomalies
+    )
+    records.extend(
+        KafkaRecord(topics.alarms, alarm.entity_id.encode(), outputs.encode(alarm))
+        for alarm in out.alarms
     )
     records.extend(
         KafkaRecord(topics.late, late.entity_id.encode(), outputs.encode(late)) for late in out.late

@@ -1,4 +1,4 @@
-"""The twin dataflow: raw readings in; readings, windows, twin state, anomalies out.
+"""The twin dataflow: raw readings in; readings, windows, twin state, anomalies, alarms out.
 
 ::
 
@@ -64,6 +64,8 @@ def observe(out: StepOutput, now_ms: int) -> None:
                 metrics.window_close_lag.observe(lag_s)
     if out.anomalies:
         metrics.anomalies.inc(len(out.anomalies))
+    for event, count in Counter(alarm.event.value for alarm in out.alarms).items():
+        metrics.alarms.labels(event).inc(count)
 
 
 def timed(
@@ -90,8 +92,12 @@ def build_flow(
     detector: DetectorConfig | None = None,
     clock: Callable[[], int] = _wall_ms,
 ) -> Dataflow:
-    """The twin flow over the given connectors (tests pass testing ones)."""
-    config = detector or DetectorConfig()
+    """The twin flow over the given connectors (tests pass testing ones).
+
+    ``detector`` defaults to the settings' (``settings.detection``, the rest
+    ``DetectorConfig``'s defaults).
+    """
+    config = detector or settings.detection.detector_config()
     topics = settings.topics
     tables = table_specs(settings.questdb.table_prefix)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "infra" / "grafana" / "dashboards"
-TABLES = ("readings", "sensor_windows", "twin_state", "anomalies", "deadletters")
+TABLES = ("readings", "sensor_windows", "twin_state", "anomalies", "alarms", "deadletters")
 
 
 def dashboards() -> dict[str, dict[str, Any]]:

@@ -154,7 +154,7 @@ def demo(
     _print_status(manager.status(settings))
     out.print(
         f"QuestDB console: {settings.questdb.http_url} (tables readings, sensor_windows, "
-        "twin_state, anomalies, deadletters). Pipeline metrics: Prometheus at "
+        "twin_state, anomalies, alarms, deadletters). Pipeline metrics: Prometheus at "
         f"http://127.0.0.1:{settings.metrics.prometheus_port} (twinflow_* series). Services "
         "keep running; stop them with `twinflow down` (or `make down`)."
     )

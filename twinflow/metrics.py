@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from schemas.outputs import AlarmEvent
 from schemas.raw import Reason
 from twinflow.errors import ConfigError
 from twinflow.settings import MetricsSettings, env_name
@@ -61,6 +62,11 @@ window_close_lag = Histogram(
     buckets=_LAG_SECONDS,
 )
 anomalies = Counter("twinflow_anomalies", "Windows scored above their entity's threshold")
+alarms = Counter(
+    "twinflow_alarms",
+    "Alarm transitions sent to twin.alarms, by event (raised, cleared, rebaselined)",
+    ["event"],
+)
 step_seconds = Histogram(
     "twinflow_step_seconds",
     "Duration of one call of a flow step on one batch",
@@ -95,6 +101,8 @@ for _reason in Reason:
     dead_letters.labels(_reason.value)
 for _sink in ("questdb", "kafka"):
     sink_failures.labels(_sink)
+for _event in AlarmEvent:
+    alarms.labels(_event.value)
 
 # The bridges (`twinflow bridge mqtt|opcua`).
 bridge_received = Counter(

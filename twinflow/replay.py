@@ -9,9 +9,13 @@ defaults. A window's score goes to each of its rows; ``is_anomaly`` says whether
 an active alarm once the window is judged (the alarm lifecycle of
 :class:`~twinflow.detection.EntityMonitor`, as in the flow), and ``alarm_raised`` marks
 the last row of a window that raised a new alarm: the row at which the flow would have
-raised it, one per incident. Time is the row's
-position (window ``k`` holds rows ``k·w .. k·w + w - 1``), so the time column is copied,
-never parsed, and gaps or repeated timestamps change nothing.
+raised it, one per incident. Windows are made of rows: window ``k`` holds rows
+``k·w .. k·w + w - 1``, so gaps or repeated timestamps change no window. The time column
+is copied verbatim; when its first value is a date and time (ISO 8601, e.g.
+``2014-04-01 00:05:00``; UTC unless it says otherwise) every window also carries the
+time of its first row, which places it in the daily and weekly cycles the detector may
+learn (:mod:`twinflow.detection.seasonal`). A time column of anything else (row numbers,
+epoch counters) is only copied: no cycle is learned then.
 
 What the flow does and replay does not: validation against a twin model (ranges, units)
 and the cleaning flags, which need the model's sensor specs; a CSV has none. A missing
@@ -36,6 +40,7 @@ import csv
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -123,6 +128,7 @@ class ReplaySummary:
 @dataclass(frozen=True)
 class _Layout:
     time_index: int
+    time_name: str
     sensors: tuple[tuple[int, str], ...]
     width: int
 
@@ -146,7 +152,7 @@ def _layout(header: list[str], options: ReplayOptions, source: str) -> _Layout:
     sensors = tuple((i, name) for i, name in enumerate(names) if name not in skip)
     if not sensors:
         raise ReplayError(f"{source}: no sensor columns left after the time and excluded columns")
-    return _Layout(names.index(time_column), sensors, len(names))
+    return _Layout(names.index(time_column), time_column, sensors, len(names))
 
 
 def _delimiter(first_line: str, given: str | None) -> str:
@@ -175,6 +181,17 @@ def _value(cell: str, line: int, column: str, source: str) -> float | None:
     return value
 
 
+def _event_ms(text: str) -> int | None:
+    """Epoch milliseconds of an ISO 8601 date and time (naive means UTC), else None."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
 def replay_rows(
     lines: Iterable[str], options: ReplayOptions, source: str = "input"
 ) -> Iterator[ReplayRow | ReplaySummary]:
@@ -197,6 +214,9 @@ def replay_rows(
     window: tuple[list[int], list[int], list[float]] = ([], [], [])
     pending: list[str] = []
     rows = window_count = anomalies = 0
+    timed: bool | None = None
+    """Whether the time column holds dates and times (decided on the first row)."""
+    window_ms = 0
 
     def close() -> Iterator[ReplayRow]:
         nonlocal window_count, anomalies
@@ -212,7 +232,7 @@ def replay_rows(
         by_sensor = {sensors[p.series]: p.features for p in parts if p.features is not None}
         score, threshold, raised = math.nan, monitor.detector.threshold, False
         if by_sensor:
-            start_ms = window_count * length_ms
+            start_ms = window_ms if timed else window_count * length_ms
             verdict = monitor.process_window(by_sensor, start_ms, start_ms + length_ms)
             score, threshold, raised = (
                 verdict.detection.score,
@@ -243,7 +263,18 @@ def replay_rows(
                 window[0].append(series)
                 window[1].append(ts_ms)
                 window[2].append(value)
-        pending.append(cells[layout.time_index])
+        time_text = cells[layout.time_index]
+        if timed is None:
+            timed = _event_ms(time_text) is not None
+        if timed and not pending:
+            event_ms = _event_ms(time_text)
+            if event_ms is None:
+                raise ReplayError(
+                    f"{source}: line {line}, column {layout.time_name!r}: {time_text!r} is not "
+                    "a date and time like the rows before it"
+                )
+            window_ms = event_ms
+        pending.append(time_text)
         rows += 1
         if rows % options.window_rows == 0:
             yield from close()

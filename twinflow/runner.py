@@ -35,7 +35,7 @@ RECOVERY_PARTITIONS = 4
 
 
 def prepare_outputs(settings: Settings) -> None:
-    """Create the flow's topics and tables; refuse tables without their dedup keys."""
+    """Create the flow's topics and tables; extend older tables, refuse mismatched ones."""
     ensure_topics(
         settings.kafka, [*ingest_topics(settings.topics), *output_topics(settings.topics)]
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
@@ -34,6 +34,9 @@ from pydantic_settings import (
 )
 
 from twinflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from twinflow.detection import DetectorConfig
 
 ENV_PREFIX = "TWINFLOW_"
 ENV_NESTED_DELIMITER = "__"
@@ -283,6 +286,7 @@ class TopicSettings(_Section):
     state: str = "twin.state"
     anomalies: str = "twin.anomalies"
     late: str = "twin.late"
+    alarms: str = "twin.alarms"
     raw_partitions: int = Field(default=4, ge=1, le=1024)
 
 
@@ -370,6 +374,87 @@ class FlowSettings(_Section):
     consumer_group: str = "twinflow-flow"
 
 
+_NEVER = frozenset({"none", "never"})
+
+
+class DetectionSettings(_Section):
+    """How the flow's alarms end; the rest of the detector is ``DetectorConfig``.
+
+    An unset field means the detector's own default (``DetectorConfig()``), so the
+    defaults live in one place. They are resolved only when asked for (the flow, and
+    ``twinflow config``): importing the detector loads River, about a second and 80 MiB
+    that the bridges and the service commands would pay for nothing. Read the values
+    through :meth:`effective` or :meth:`detector_config`, not the fields: here None is
+    "unset" unless the field was set, where it means "never".
+    """
+
+    clear_windows: int | None = Field(
+        default=None,
+        ge=1,
+        description="normal windows in a row that clear an active alarm; unset: the detector's",
+    )
+    rebaseline_after: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "warm-ups (30 min each by default) after which an active alarm ends as "
+            "re-baselined and the model accepts the level ('none': never); unset: the detector's"
+        ),
+    )
+
+    @field_validator("clear_windows")
+    @classmethod
+    def _given(cls, value: int | None) -> int:
+        if value is None:  # only a set value is validated: unset stays None
+            raise ValueError("must be a whole number of windows")
+        return value
+
+    @field_validator("rebaseline_after", mode="before")
+    @classmethod
+    def _never(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _NEVER:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.model_fields_set:
+            try:
+                self.detector_config()
+            except ValueError as exc:
+                names = " and ".join(
+                    f"detection.{name} ({env_name(('detection', name))})"
+                    for name in ("clear_windows", "rebaseline_after")
+                )
+                raise ValueError(f"{exc}; set {names} accordingly") from None
+        return self
+
+    def overrides(self) -> dict[str, float | None]:
+        """The fields that were set, by name (None for rebaseline_after: never)."""
+        return {name: getattr(self, name) for name in sorted(self.model_fields_set)}
+
+    def detector_config(self, **extra: Any) -> DetectorConfig:
+        """The flow's ``DetectorConfig``: its defaults, these settings, then ``extra``."""
+        from twinflow.detection import DetectorConfig  # loads River; see the class doc
+
+        return DetectorConfig(**{**self.overrides(), **extra})
+
+    def effective(self) -> dict[str, float | None]:
+        """Each setting's value in force, the detector's defaults filled in.
+
+        >>> from twinflow.detection import DetectorConfig
+        >>> DetectionSettings().effective() == {
+        ...     "clear_windows": DetectorConfig().clear_windows,
+        ...     "rebaseline_after": DetectorConfig().rebaseline_after,
+        ... }
+        True
+        >>> DetectionSettings(clear_windows=5, rebaseline_after="none").effective()
+        {'clear_windows': 5, 'rebaseline_after': None}
+        """
+        config = self.detector_config()
+        return {name: getattr(config, name) for name in type(self).model_fields}
+
+
 class MetricsSettings(_Section):
     """The Prometheus endpoints of the flow and the bridges, and the local Prometheus."""
 
@@ -444,6 +529,7 @@ class Settings(BaseSettings):
     opcua: OpcUaSettings = OpcUaSettings()
     topics: TopicSettings = TopicSettings()
     flow: FlowSettings = FlowSettings()
+    detection: DetectionSettings = DetectionSettings()
     metrics: MetricsSettings = MetricsSettings()
     services: ServicesSettings = ServicesSettings()
 
@@ -487,8 +573,9 @@ class Settings(BaseSettings):
         return self.lib_dir or self.state_dir / "lib"
 
     def masked(self) -> dict[str, Any]:
-        """Every setting as plain data, secrets shown as ``**********``."""
+        """Every setting as plain data, secrets shown as ``**********``, defaults resolved."""
         masked: dict[str, Any] = _mask(self.model_dump(mode="python"))
+        masked["detection"] = self.detection.effective()
         return masked
 
     @classmethod

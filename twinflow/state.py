@@ -1,15 +1,19 @@
 """Status and health of one twin, with hysteresis so that a status does not flap.
 
-Per closed window the entity's status machine gets the detector's verdict and the share
-of flagged readings:
+Per closed window the entity's status machine gets whether the entity has an active
+alarm after that window, the score's ratio to the threshold and the share of flagged
+readings:
 
-- ALARM after ``ALARM_ENTER`` anomalous windows in a row; it is left only after
-  ``ALARM_EXIT`` normal windows in a row (to WARN if that window is still suspicious).
+- ALARM exactly while the entity has an active alarm. The alarm's own lifecycle
+  (:mod:`twinflow.detection.alarms`: raised, cleared after normal windows in a row,
+  re-baselined) is the hysteresis, so the status and the alarms never disagree. When
+  the alarm ends the status becomes WARN if that window is still suspicious, else OK.
 - WARN while a window is suspicious: score above ``WARN_RATIO`` of the threshold, or
   more than ``WARN_FLAGGED`` of its readings flagged; left after ``WARN_EXIT`` clean
-  windows.
-- STALE when the entity has been silent for the configured time (system time); the
-  next reading brings back the status it had.
+  windows in a row.
+- STALE when the entity has been silent for the configured time (system time); it
+  overrides the others, an active alarm included (the twin state still lists the
+  alarm). The next closed window brings back the status that window calls for.
 
 Health (0-100) is 100 minus up to 60 points for the score's closeness to the threshold
 and up to 40 points for the share of flagged readings.
@@ -21,8 +25,6 @@ from dataclasses import dataclass
 
 from schemas.outputs import Status
 
-ALARM_ENTER = 2
-ALARM_EXIT = 3
 WARN_EXIT = 2
 WARN_RATIO = 0.8
 WARN_FLAGGED = 0.2
@@ -34,37 +36,37 @@ class StatusMachine:
 
     status: Status = Status.OK
     before_stale: Status = Status.OK
-    anomalous_run: int = 0
-    normal_run: int = 0
+    clean_run: int = 0
+    """Windows in a row that were neither suspicious nor under an alarm."""
     health: float = 100.0
 
-    def window(self, is_anomaly: bool, score_ratio: float | None, flagged_share: float) -> bool:
-        """Take one closed window's verdict; return whether the status changed.
+    def window(self, alarm_active: bool, score_ratio: float | None, flagged_share: float) -> bool:
+        """Take one closed window; return whether the status changed.
+
+        ``alarm_active`` is whether the entity has an active alarm after this window.
 
         >>> machine = StatusMachine()
-        >>> [(machine.window(True, 1.5, 0.0), machine.status.value) for _ in range(3)]
+        >>> [(machine.window(False, 0.9, 0.0), machine.status.value),
+        ...  (machine.window(True, 1.5, 0.0), machine.status.value),
+        ...  (machine.window(True, 0.1, 0.0), machine.status.value)]
         [(True, 'WARN'), (True, 'ALARM'), (False, 'ALARM')]
         >>> [(machine.window(False, 0.1, 0.0), machine.status.value) for _ in range(3)]
-        [(False, 'ALARM'), (False, 'ALARM'), (True, 'OK')]
+        [(True, 'OK'), (False, 'OK'), (False, 'OK')]
+        >>> [(machine.window(False, r, 0.0), machine.status.value) for r in (0.9, 0.1, 0.1)]
+        [(True, 'WARN'), (False, 'WARN'), (True, 'OK')]
         """
         before = self.status
         if self.status is Status.STALE:
             self.status = self.before_stale
         suspicious = (score_ratio or 0.0) > WARN_RATIO or flagged_share > WARN_FLAGGED
-        if is_anomaly:
-            self.anomalous_run += 1
-            self.normal_run = 0
-        else:
-            self.anomalous_run = 0
-            self.normal_run += 1
-        if self.anomalous_run >= ALARM_ENTER:
+        self.clean_run = 0 if suspicious or alarm_active else self.clean_run + 1
+        if alarm_active:
             self.status = Status.ALARM
-        elif self.status is Status.ALARM:
-            if self.normal_run >= ALARM_EXIT:
-                self.status = Status.WARN if suspicious else Status.OK
-        elif suspicious or is_anomaly:
+        elif suspicious:
             self.status = Status.WARN
-        elif self.status is Status.WARN and self.normal_run >= WARN_EXIT:
+        elif self.status is Status.ALARM:
+            self.status = Status.OK  # the alarm ended on a clean window
+        elif self.status is Status.WARN and self.clean_run >= WARN_EXIT:
             self.status = Status.OK
         closeness = min(max(score_ratio or 0.0, 0.0), 1.5) / 1.5
         self.health = round(100.0 - 60.0 * closeness - 40.0 * min(flagged_share, 1.0), 1)

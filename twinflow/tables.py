@@ -3,7 +3,8 @@
 All are WAL tables partitioned by day, with the event time as designated timestamp and
 ``DEDUP UPSERT KEYS`` on the row's identity: a replay after a crash rewrites the same
 rows instead of adding copies. The flow refuses to start when a table exists without
-its keys (connectors.questdb.ensure_table).
+its keys or with other column types, and adds the columns that a table from an older
+twinflow lacks (connectors.questdb.ensure_table).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ TWIN_STATE = TableSpec(
         ("late", "LONG"),
         ("dead_letters", "LONG"),
         ("anomalies", "LONG"),
+        ("alarms", "LONG"),
+        ("active_alarms", "VARCHAR"),
     ),
     timestamp="ts",
     dedup_keys=("ts", "entity"),
@@ -80,6 +83,30 @@ ANOMALIES = TableSpec(
     ),
     timestamp="ts",
     dedup_keys=("ts", "entity"),
+)
+
+ALARMS = TableSpec(
+    name="alarms",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("alarm_id", "VARCHAR"),
+        ("kind", "SYMBOL"),
+        ("event", "SYMBOL"),
+        ("active", "BOOLEAN"),
+        ("start", "TIMESTAMP"),
+        ("end", "TIMESTAMP"),
+        ("peak_score", "DOUBLE"),
+        ("threshold", "DOUBLE"),
+        ("anomalous_windows", "LONG"),
+        ("top_sensors", "VARCHAR"),
+        ("explanation", "VARCHAR"),
+    ),
+    # The transition's event time; ``end`` (an SQL keyword: write it "end") is NULL
+    # while the alarm is active.
+    timestamp="ts",
+    # An event is one transition of one alarm, and an alarm is (entity, start).
+    dedup_keys=("ts", "entity", "start", "event"),
 )
 
 DEADLETTERS = TableSpec(
@@ -112,6 +139,7 @@ class Tables:
     sensor_windows: TableSpec
     twin_state: TableSpec
     anomalies: TableSpec
+    alarms: TableSpec
     deadletters: TableSpec
 
     def all(self) -> tuple[TableSpec, ...]:
@@ -125,5 +153,5 @@ def tables(prefix: str = "") -> Tables:
     >>> tables("t1_").readings.name
     't1_readings'
     """
-    specs = (READINGS, SENSOR_WINDOWS, TWIN_STATE, ANOMALIES, DEADLETTERS)
+    specs = (READINGS, SENSOR_WINDOWS, TWIN_STATE, ANOMALIES, ALARMS, DEADLETTERS)
     return Tables(*(dataclasses.replace(spec, name=prefix + spec.name) for spec in specs))

@@ -16,6 +16,7 @@ def output_topics(topics: TopicSettings) -> list[TopicSpec]:
     return [
         TopicSpec(topics.state, topics.raw_partitions, {"cleanup.policy": "compact"}),
         TopicSpec(topics.anomalies, topics.raw_partitions),
+        TopicSpec(topics.alarms, topics.raw_partitions),
         TopicSpec(topics.late, topics.raw_partitions),
         TopicSpec(topics.deadletter, 1),
     ]

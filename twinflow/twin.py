@@ -2,10 +2,11 @@
 
 Kafka keys raw messages by entity, so every entity lives in exactly one partition and
 one :class:`PartitionTwins` holds everything about it: cleaning histories, open
-windows, its anomaly model and its status. The flow calls :meth:`PartitionTwins.step`
-with a whole batch of messages. Only decoding is per message; validation, duplicates,
-cleaning, lateness and windowing run on the batch's readings as numpy columns, which
-is what lets one worker keep up with hundreds of thousands of readings a second.
+windows, its anomaly model and alarms, and its status. The flow calls
+:meth:`PartitionTwins.step` with a whole batch of messages. Only decoding is per
+message; validation, duplicates, cleaning, lateness and windowing run on the batch's
+readings as numpy columns, which is what lets one worker keep up with hundreds of
+thousands of readings a second.
 
 Results never depend on where a batch starts or ends: every decision is defined by the
 order of an entity's messages, which Kafka fixes.
@@ -37,6 +38,7 @@ import numpy.typing as npt
 
 from schemas import deadletter
 from schemas.outputs import (
+    Alarm,
     Anomaly,
     Counts,
     Flag,
@@ -47,7 +49,7 @@ from schemas.outputs import (
 )
 from schemas.raw import Reason, SchemaError, decode_raw
 from twinflow.cleaning import SeriesCleaning, batch_parameters
-from twinflow.detection import DetectorConfig, EntityDetector
+from twinflow.detection import DetectorConfig, EntityMonitor
 from twinflow.settings import FlowSettings
 from twinflow.state import StatusMachine
 from twinflow.twin_model import SensorSpec, TwinModel
@@ -187,6 +189,9 @@ class StepOutput:
     windows: list[SensorWindow] = field(default_factory=list)
     states: list[TwinState] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
+    """Every window scored above its entity's threshold."""
+    alarms: list[Alarm] = field(default_factory=list)
+    """Every alarm transition (raised, cleared, re-baselined), in closing order."""
     late: list[LateReading] = field(default_factory=list)
     dead_letters: list[deadletter.DeadLetter] = field(default_factory=list)
 
@@ -198,7 +203,8 @@ class EntityTwin:
     entity_id: str
     index: int
     """Its row in the partition's entity columns."""
-    detector: EntityDetector
+    monitor: EntityMonitor
+    """Its anomaly model and alarm lifecycle."""
     series: dict[str, int]
     """Series code of each sensor of its asset type."""
     machine: StatusMachine = field(default_factory=StatusMachine)
@@ -214,6 +220,16 @@ class EntityTwin:
     last_threshold: float | None = None
     last_seen_live_ms: int = 0
     """Live time (see :class:`PartitionTwins`) of its last message."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A snapshot from before alarms held the bare detector: keep its learning and
+        # start the alarm lifecycle with no alarm active.
+        detector = state.pop("detector", None)
+        if detector is not None and "monitor" not in state:
+            monitor = EntityMonitor(state["entity_id"], detector.config)
+            monitor.detector = detector
+            state["monitor"] = monitor
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -325,7 +341,7 @@ class PartitionTwins:
             twin = EntityTwin(
                 entity_id=entity_id,
                 index=index,
-                detector=EntityDetector(self.detector_config),
+                monitor=EntityMonitor(entity_id, self.detector_config),
                 series={
                     sensor: self._series.add(index, entity_id, sensor, spec)
                     for sensor, spec in specs.items()
@@ -609,8 +625,11 @@ class PartitionTwins:
             return
         out.windows.extend(windows.values())
         twin.counts["windows"] += 1
-        detection = twin.detector.process_window(windows)
+        verdict = twin.monitor.process_window(windows, start, end)
+        detection = verdict.detection
         twin.last_score, twin.last_threshold = detection.score, detection.threshold
+        out.alarms.extend(verdict.alarms)
+        twin.counts["alarms"] = twin.monitor.alarms.raised
         if detection.is_anomaly:
             twin.counts["anomalies"] += 1
             out.anomalies.append(
@@ -628,7 +647,7 @@ class PartitionTwins:
             if detection.threshold and not detection.warming_up
             else None
         )
-        twin.machine.window(detection.is_anomaly, ratio, flagged / max(count, 1))
+        twin.machine.window(bool(twin.monitor.alarms.active_ids), ratio, flagged / max(count, 1))
         out.states.append(self._state(twin, end, f"{twin.entity_id}@{end}"))
 
     def _idle(self, live_ms: int, out: StepOutput) -> None:
@@ -678,6 +697,7 @@ class PartitionTwins:
             sensors=dict(sorted(twin.sensors.items())),
             derived={name: metric.evaluate(latest) for name, metric in derived.items()},
             counts=Counts(**twin.counts),
+            active_alarms=twin.monitor.alarms.active_ids,
         )
 
 

@@ -51,7 +51,7 @@ FLOW_SETTINGS = {
     "TWINFLOW_FLOW__IDLE_CLOSE_S": "6",
     "TWINFLOW_FLOW__STALE_AFTER_S": "3600",
 }
-ROW_TABLES = ("sensor_windows", "twin_state", "anomalies")
+ROW_TABLES = ("sensor_windows", "twin_state", "anomalies", "alarms")
 """Tables whose rows must equal the golden run's, row for row."""
 _POLL_S = 0.25
 
@@ -136,6 +136,8 @@ class FlowRun:
             recovery_dir=self.recovery_dir,
         )
         self.env.update(FLOW_SETTINGS)
+        # Its own alarms topic too (twinflow_env predates it), not the shared default.
+        self.env.setdefault("TWINFLOW_TOPICS__ALARMS", f"chaos.alarms.{self.prefix}")
         self.sql = QuestDBHttp(self.settings.questdb, timeout_s=10)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0

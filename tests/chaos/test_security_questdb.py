@@ -201,7 +201,7 @@ def test_twinflow_run_with_a_wrong_password_exits_at_once(
         if value is not None:
             secret = value.get_secret_value() if isinstance(value, SecretStr) else value
             env[env_name(("kafka", name))] = str(secret)
-    for topic in ("raw", "deadletter", "ground_truth", "state", "anomalies", "late"):
+    for topic in ("raw", "deadletter", "ground_truth", "state", "anomalies", "alarms", "late"):
         env[env_name(("topics", topic))] = f"test.qdbauth.{suffix}.{topic}"
 
     started = time.monotonic()

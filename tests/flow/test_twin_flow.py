@@ -21,6 +21,7 @@ from connectors.questdb import TableBatch
 from flows.twin import build_flow
 from schemas.raw import SchemaError, decode_raw
 from tests.helpers import recompute_windows
+from twinflow.detection import DetectorConfig
 from twinflow.settings import Settings, load_settings
 from twinflow.sim.faults import FaultPlan
 from twinflow.sim.messages import DataFaultPlan, MessageEncoder
@@ -105,6 +106,7 @@ def _run(
     raw_input: dict[int, list[InputMessage]],
     workers: int,
     batch: int = BATCH,
+    detector: DetectorConfig | None = None,
 ) -> tuple[list[TableBatch], list[KafkaRecord]]:
     rows: list[TableBatch] = []
     records: list[KafkaRecord] = []
@@ -115,6 +117,7 @@ def _run(
         deadletter_source=TestingSource([]),
         questdb_sink=TestingSink(rows),
         kafka_sink=TestingSink(records),
+        detector=detector,
         clock=lambda: START_MS,
     )
     if workers == 1:
@@ -246,6 +249,7 @@ def test_output_messages_validate_against_their_schemas(
     schemas = {
         "twin.state": json.loads((schema_dir / "twin_state.v1.schema.json").read_text()),
         "twin.anomalies": json.loads((schema_dir / "anomaly.v1.schema.json").read_text()),
+        "twin.alarms": json.loads((schema_dir / "alarm.v1.schema.json").read_text()),
         "twin.late": json.loads((schema_dir / "late_reading.v1.schema.json").read_text()),
         "twin.deadletter": json.loads((schema_dir / "deadletter.v1.schema.json").read_text()),
     }
@@ -269,3 +273,50 @@ def test_batch_boundaries_do_not_change_the_results(
     rows, records = _run(settings, model, raw_input, workers=1, batch=7)
     assert _canonical(_frames(rows)) == _canonical(_frames(one_worker[0]))
     assert sorted(r.value for r in records) == sorted(r.value for r in one_worker[1])
+
+
+# Alarms need a warmed-up model: 2-s windows and a 60-window warm-up give the 10 minutes
+# of plant 300 windows per entity, and alarms re-baselined after 30 windows give every
+# kind of transition.
+ALARM_DETECTOR = DetectorConfig(warmup_windows=60, rebaseline_windows=30)
+
+
+@pytest.fixture(scope="module")
+def alarm_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"flow": settings.flow.model_copy(update={"window_s": 2.0})})
+
+
+def _alarms(records: list[KafkaRecord]) -> list[dict[str, Any]]:
+    return sorted(
+        (msgspec.json.decode(r.value) for r in records if r.topic == "twin.alarms"),
+        key=lambda alarm: alarm["msg_id"],
+    )
+
+
+def test_alarms_are_identical_under_one_and_two_workers(
+    alarm_settings: Settings, model: TwinModel, raw_input: dict[int, list[InputMessage]]
+) -> None:
+    one_rows, one_records = _run(
+        alarm_settings, model, raw_input, workers=1, detector=ALARM_DETECTOR
+    )
+    two_rows, two_records = _run(
+        alarm_settings, model, raw_input, workers=2, detector=ALARM_DETECTOR
+    )
+    alarms = _alarms(one_records)
+    assert _alarms(two_records) == alarms
+    assert {alarm["event"] for alarm in alarms} == {"raised", "cleared", "rebaselined"}
+    schema = json.loads((ROOT / "schemas" / "json" / "alarm.v1.schema.json").read_text())
+    for alarm in alarms:
+        jsonschema.validate(alarm, schema)
+    one, two = _canonical(_frames(one_rows)), _canonical(_frames(two_rows))
+    assert two["alarms"] == one["alarms"]
+    assert two["twin_state"] == one["twin_state"]
+    # The table holds what the topic carries, one row per transition.
+    table = _frames(one_rows)["alarms"]
+    assert sorted(zip(table["alarm_id"], table["event"], strict=True)) == sorted(
+        (alarm["alarm_id"], alarm["event"]) for alarm in alarms
+    )
+    # A state says ALARM exactly while it names an active alarm.
+    states = [msgspec.json.decode(r.value) for r in one_records if r.topic == "twin.state"]
+    assert any(state["active_alarms"] for state in states)
+    assert all((state["status"] == "ALARM") == bool(state["active_alarms"]) for state in states)

@@ -1,3 +1,5 @@
+import dataclasses
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -99,6 +101,44 @@ def test_table_without_dedup_keys_is_refused(stack: Settings, unique: str) -> No
     )
     with pytest.raises(QuestDBError, match=r"DEDUP UPSERT KEYS are not set.*ALTER TABLE"):
         ensure_table(sql, spec)
+
+
+def test_a_table_from_an_older_twinflow_gets_the_new_columns(stack: Settings, unique: str) -> None:
+    sql = QuestDBHttp(stack.questdb)
+    spec = dataclasses.replace(
+        _spec(f"test_older_{unique}"),
+        columns=(*_spec("").columns, ("end", "TIMESTAMP"), ("alarms", "LONG")),
+    )
+    old = dataclasses.replace(spec, columns=spec.columns[:4])
+    ensure_table(sql, old)
+    sql.exec(f"INSERT INTO \"{spec.name}\" VALUES ('2026-01-01', 'pump-1', 'flow', 1.5)")
+    assert ensure_table(sql, spec) == ["end", "alarms"]
+    assert ensure_table(sql, spec) == []
+    columns = sql.exec(f"SELECT \"column\", type FROM table_columns('{spec.name}')").rows
+    assert columns[-2:] == (("end", "TIMESTAMP"), ("alarms", "LONG"))
+    # The older row reads NULL in the new columns.
+    row = _wait_rows(sql, f'SELECT value, "end", alarms FROM "{spec.name}"', 1)
+    assert row == ((1.5, None, None),)
+
+
+def test_a_column_of_another_type_is_refused_naming_the_fix(stack: Settings, unique: str) -> None:
+    sql = QuestDBHttp(stack.questdb)
+    spec = _spec(f"test_retyped_{unique}")
+    ensure_table(sql, spec)
+    sql.exec(f'ALTER TABLE "{spec.name}" ALTER COLUMN value TYPE VARCHAR')
+    pattern = (
+        rf"table '{spec.name}' exists with other column types.*value is VARCHAR, expected "
+        rf'DOUBLE.*ALTER TABLE "{spec.name}" ALTER COLUMN "value" TYPE DOUBLE'
+    )
+    deadline = time.monotonic() + 30
+    while True:  # the ALTER is applied asynchronously
+        try:
+            ensure_table(sql, spec)
+        except QuestDBError as exc:
+            assert re.search(pattern, str(exc)), exc
+            break
+        assert time.monotonic() < deadline, "the retyped column was never refused"
+        time.sleep(0.1)
 
 
 def test_sql_errors_carry_the_server_message(stack: Settings) -> None:

@@ -87,8 +87,17 @@ def _twin_state(spec: TableSpec, count: int) -> TableBatch:
         "anomaly_score": i / 10,
         "threshold": np.full(count, 0.9),
     }
-    for name in ("readings", "flagged", "duplicates", "late", "dead_letters", "anomalies"):
+    for name in (
+        "readings",
+        "flagged",
+        "duplicates",
+        "late",
+        "dead_letters",
+        "anomalies",
+        "alarms",
+    ):
         columns[name] = i
+    columns["active_alarms"] = [f"pump-{k % 5}@{k}" if k % 3 == 0 else "" for k in i]
     return table_frame(spec, columns)
 
 

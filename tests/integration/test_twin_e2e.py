@@ -43,6 +43,7 @@ from tests.helpers import (
     scrape,
     twinflow_cli,
     wait_for_line,
+    wait_for_wal,
 )
 from twinflow.services import manager
 from twinflow.settings import Settings
@@ -116,6 +117,7 @@ def _env_for(
         topics__state=f"e2e.state.{outputs}",
         topics__anomalies=f"e2e.anomalies.{outputs}",
         topics__late=f"e2e.late.{outputs}",
+        topics__alarms=f"e2e.alarms.{outputs}",
         questdb__table_prefix=table_prefix,
         flow__recovery_dir=str(workdir / f"recovery-{outputs}"),
         mqtt__bridge_client_id=f"e2e-bridge-{run_suffix}",
@@ -354,12 +356,113 @@ def test_process_faults_raise_explained_anomalies(stack: Settings, pipeline: Run
         )
 
 
+_ALARM_COLUMNS = 'alarm_id, event, entity, ts, start, "end", active, peak_score, anomalous_windows'
+
+
+def _alarm_events(stack: Settings, run: Run) -> pd.DataFrame:
+    """The alarms table in event order, timestamps as epoch ms (``end`` None while active)."""
+    table = _frame(stack, f"SELECT {_ALARM_COLUMNS} FROM '{run.prefix}alarms' ORDER BY ts")
+    for column in ("ts", "start"):
+        table[column] = _epoch_ms(table[column])
+    ends = pd.to_datetime(table["end"], utc=True)
+    table["end"] = pd.Series(
+        [None if pd.isna(end) else end.value // 1_000_000 for end in ends],
+        index=table.index,
+        dtype=object,
+    )
+    return table
+
+
+def _active_at(events: pd.DataFrame, at_ms: int) -> set[str]:
+    """Alarm ids whose latest event at or before ``at_ms`` leaves them active."""
+    seen = events[events["ts"] <= at_ms].drop_duplicates("alarm_id", keep="last")
+    return set(seen[seen["active"]]["alarm_id"])
+
+
+def test_alarms_follow_their_lifecycle_in_the_table_and_on_the_topic(
+    stack: Settings, pipeline: Run
+) -> None:
+    """The alarms table and twin.alarms hold the same events; each alarm is raised once
+    and ended at most once, an entity's alarms never overlap, the twin states agree,
+    and the simulator's process faults raised alarms."""
+    fields = ("alarm_id", "event", "entity", "ts", "start", "end", "active", "anomalous_windows")
+    tables = [f"{pipeline.prefix}alarms", f"{pipeline.prefix}twin_state"]
+    # The last windows close once the entities are idle; wait until both sides settled.
+    deadline = time.monotonic() + 60
+    while True:
+        wait_for_wal(QuestDBHttp(stack.questdb), tables)
+        events = _alarm_events(stack, pipeline)
+        messages = [
+            json.loads(m.value())
+            for m in consume_all(stack.kafka, pipeline.topic("alarms"), idle_s=3)
+        ]
+        from_topic = sorted(
+            (m["alarm_id"], m["event"], m["entity_id"], m["ts_ms"], m["start_ms"], m["end_ms"],
+             m["active"], m["anomalous_windows"])
+            for m in {m["msg_id"]: m for m in messages}.values()
+        )  # fmt: skip
+        from_table = sorted(tuple(row) for row in events[list(fields)].itertuples(index=False))
+        if from_table == from_topic or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert from_table == from_topic
+    assert len(from_table) == len(messages), "an alarm event was emitted twice"
+
+    for entity, alarms in events.groupby("entity"):
+        ended_ms = None
+        for alarm_id, lifecycle in alarms.groupby("alarm_id", sort=False):
+            kinds = list(lifecycle["event"])
+            assert kinds[0] == "raised" and kinds[1:] in ([], ["cleared"], ["rebaselined"]), (
+                alarm_id,
+                kinds,
+            )
+            raised = lifecycle.iloc[0]
+            assert raised["start"] < raised["ts"] and raised["end"] is None
+            # The entity's previous alarm had ended before this one was raised.
+            assert ended_ms is None or ended_ms <= raised["ts"], (entity, alarm_id)
+            if len(kinds) == 2:
+                end = lifecycle.iloc[1]
+                assert not end["active"] and raised["start"] < end["end"] <= end["ts"]
+                assert end["anomalous_windows"] >= raised["anomalous_windows"]
+                ended_ms = end["ts"]
+            else:
+                ended_ms = None
+                assert alarm_id == alarms["alarm_id"].iloc[-1], f"{alarm_id} never ended"
+
+    # A state is ALARM exactly while it names an active alarm, one the table knows.
+    states = _frame(
+        stack, f"SELECT ts, entity, status, active_alarms FROM '{pipeline.prefix}twin_state'"
+    )
+    states = states[states["status"] != "STALE"]
+    named = states["active_alarms"].fillna("") != ""
+    assert ((states["status"] == "ALARM") == named).all()
+    assert named.any()
+    for at, active_ids in zip(_epoch_ms(states["ts"]), states["active_alarms"], strict=True):
+        assert set(filter(None, (active_ids or "").split(","))) <= _active_at(events, at), at
+
+    truth = json.loads((pipeline.workdir / "truth.json").read_text())
+    raised = events[events["event"] == "raised"]
+    alarmed = [
+        fault
+        for fault in truth["faults"]
+        if fault["category"] == "process"
+        and (
+            (raised["entity"] == fault["entity_id"])
+            & (raised["start"] >= fault["start_ms"] - 10_000)
+            & (raised["start"] < fault["end_ms"] + 10_000)
+        ).any()
+    ]
+    print(f"\nalarms: {Counter(events['event'])}; process faults alarmed: {len(alarmed)}")
+    assert alarmed
+
+
 def test_output_topics_carry_valid_keyed_messages(stack: Settings, pipeline: Run) -> None:
     schema_dir = ROOT / "schemas" / "json"
     for topic, schema_file in (
         ("state", "twin_state"),
         ("anomalies", "anomaly"),
         ("late", "late_reading"),
+        ("alarms", "alarm"),
     ):
         schema = json.loads((schema_dir / f"{schema_file}.v1.schema.json").read_text())
         messages = consume_all(stack.kafka, pipeline.topic(topic), idle_s=3)
@@ -399,7 +502,8 @@ def test_two_processes_write_what_one_process_wrote(stack: Settings, pipeline: R
         ("readings", "entity, sensor, ts, value, flags"),
         ("sensor_windows", "entity, sensor, ts, count, mean, std, slope"),
         ("anomalies", "entity, ts, score, threshold"),
-        ("twin_state", "entity, ts, status, health, readings"),
+        ("alarms", "entity, alarm_id, event, ts, start, peak_score, anomalous_windows"),
+        ("twin_state", "entity, ts, status, health, readings, alarms, active_alarms"),
     ):
         stale = " WHERE status != 'STALE'" if table == "twin_state" else ""
         one = _frame(
@@ -421,6 +525,18 @@ PANEL_COLUMNS = {
     "Window mean, min and max per sensor": ("time", "sensor", "mean", "min", "max"),
     "Anomalies and their explanation": ("time", "score", "threshold", "top_sensors", "explanation"),
     "Status and health": ("time", "status", "health"),
+    "Active alarms": ("entity", "alarm_id", "start", "peak_score", "threshold", "top_sensors"),
+    "Alarms": (
+        "time",
+        "event",
+        "alarm_id",
+        "start",
+        "end",
+        "peak_score",
+        "threshold",
+        "anomalous_windows",
+        "top_sensors",
+    ),
 }
 
 
@@ -430,8 +546,12 @@ def test_every_dashboard_panel_query_runs_on_the_flow_output(
     """Each panel's SQL, rendered as Grafana would for a range from the run's first
     reading to now and an entity with anomalies, succeeds with the columns the panel
     shows and at least one row. (Dead letters carry their arrival time, which is now
-    for this backfilled plant; live, event time and arrival time are close.)"""
+    for this backfilled plant; live, event time and arrival time are close.) "Active
+    alarms" must list exactly the alarms the alarm events leave active at the range's
+    end, now and at a moment of the run when some were."""
     sql = QuestDBHttp(stack.questdb)
+    wait_for_wal(sql, [f"{pipeline.prefix}alarms"])
+    events = _alarm_events(stack, pipeline)
     start, end = pipeline.start, datetime.now(UTC) + timedelta(minutes=1)
     (entity,) = sql.exec(f'SELECT entity FROM "{pipeline.prefix}anomalies" LIMIT 1').rows[0]
     variables = {"entity": entity}
@@ -447,7 +567,9 @@ def test_every_dashboard_panel_query_runs_on_the_flow_output(
             continue
         if result.column_names != PANEL_COLUMNS[title]:
             problems.append(f"{board} / {title}: columns {result.column_names}")
-        if not result.rows:
+        if title == "Active alarms":
+            problems += _active_alarm_problems(sql, query, pipeline, events, start, end)
+        elif not result.rows:
             problems.append(f"{board} / {title}: no rows\n{rendered}")
     for board, dashboard in dashboards().items():
         for variable in dashboard["templating"]["list"]:
@@ -456,6 +578,28 @@ def test_every_dashboard_panel_query_runs_on_the_flow_output(
             if entity not in values:
                 problems.append(f"{board}: variable {variable['name']} offers {values}")
     assert not problems, "\n".join(problems)
+
+
+def _active_alarm_problems(
+    sql: QuestDBHttp,
+    query: str,
+    run: Run,
+    events: pd.DataFrame,
+    start: datetime,
+    end: datetime,
+) -> list[str]:
+    """The active-alarms panel at ``end`` and at the first raise, against the events."""
+    first_raise = datetime.fromtimestamp(events["ts"].min() / 1000, UTC)
+    problems = []
+    for at in (end, first_raise):
+        rendered = render(query, start, at, {}, run.prefix)
+        shown = {row[1] for row in sql.exec(rendered).rows}
+        expected = _active_at(events, int(at.timestamp() * 1000))
+        if shown != expected:
+            problems.append(f"Active alarms at {at}: {sorted(shown)}, expected {sorted(expected)}")
+    if not _active_at(events, int(first_raise.timestamp() * 1000)):
+        problems.append(f"Active alarms: none active at the first raise, {first_raise}")
+    return problems
 
 
 def _by(samples: Samples, name: str, label: str, **fixed: str) -> Counter[str]:
@@ -499,8 +643,10 @@ def test_the_metrics_endpoints_count_what_the_run_did(stack: Settings, pipeline:
         flow = scrape(int(env["TWINFLOW_METRICS__FLOW_PORT"]))
         tables = {
             name: _count(stack, f"{prefix}{name}")
-            for name in ("readings", "sensor_windows", "twin_state", "anomalies")
+            for name in ("readings", "sensor_windows", "twin_state", "anomalies", "alarms")
         }
+        events = QuestDBHttp(stack.questdb).exec(f'SELECT event, count() FROM "{prefix}alarms"')
+        alarm_events = Counter(dict(events.rows))
         observed = {
             "consumed raw": sample(flow, "twinflow_messages_consumed_total", topic=raw),
             "dead letters": _by(flow, "twinflow_dead_letters_total", "reason"),
@@ -508,6 +654,7 @@ def test_the_metrics_endpoints_count_what_the_run_did(stack: Settings, pipeline:
             "windows": sample(flow, "twinflow_windows_closed_total"),
             "lag observations": sample(flow, "twinflow_window_close_lag_seconds_count"),
             "anomalies": sample(flow, "twinflow_anomalies_total"),
+            "alarms": _by(flow, "twinflow_alarms_total", "event"),
             "raw lag": {
                 dict(labels)["partition"]: value
                 for (name, labels), value in flow.items()
@@ -526,6 +673,7 @@ def test_the_metrics_endpoints_count_what_the_run_did(stack: Settings, pipeline:
             "windows": tables["sensor_windows"],
             "lag observations": tables["sensor_windows"],
             "anomalies": tables["anomalies"],
+            "alarms": alarm_events,
             "raw lag": {str(p): 0 for p in range(stack.topics.raw_partitions)},
         }
         if observed == wanted or time.monotonic() > deadline:

@@ -7,12 +7,17 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from schemas import outputs
 from schemas.deadletter import FULL_PAYLOAD_LIMIT, Source, dead_letter, encode
+from schemas.outputs import Alarm, AlarmEvent, Counts, SensorState, Status, TwinState
 from schemas.raw import Reason, SchemaError, decode_raw
+from twinflow.detection import DetectorConfig, EntityMonitor
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "json"
 RAW = json.loads((SCHEMAS / "raw_reading.v1.schema.json").read_text())
 DEAD = json.loads((SCHEMAS / "deadletter.v1.schema.json").read_text())
+ALARM = json.loads((SCHEMAS / "alarm.v1.schema.json").read_text())
+STATE = json.loads((SCHEMAS / "twin_state.v1.schema.json").read_text())
 CHECKER = jsonschema.Draft202012Validator(RAW, format_checker=jsonschema.FormatChecker())
 
 VALID = [
@@ -86,3 +91,49 @@ def test_output_schema_files_match_the_structs() -> None:
     for file_name, schema in output_schemas().items():
         published = json.loads((SCHEMA_DIR / file_name).read_text())
         assert published == schema, f"{file_name} is stale: run python -m schemas.generate"
+
+
+def _monitored_alarms() -> list[Alarm]:
+    """Every kind of alarm transition, produced by the flow's own monitor."""
+    monitor = EntityMonitor(
+        "pump-001", DetectorConfig(warmup_windows=60, smoothing=1.0, rebaseline_windows=8)
+    )
+    levels = [100.0 + i % 3 for i in range(80)] + [140.0] * 4 + [101.0] * 4 + [180.0] * 12
+    alarms = []
+    for i, flow in enumerate(levels):
+        alarms += monitor.process({"flow.mean": flow}, i * 10_000, (i + 1) * 10_000).alarms
+    return alarms
+
+
+def test_alarm_messages_match_their_schema() -> None:
+    alarms = _monitored_alarms()
+    assert {alarm.event for alarm in alarms} == set(AlarmEvent)
+    for alarm in alarms:
+        document = json.loads(outputs.encode(alarm))
+        jsonschema.validate(document, ALARM)
+        assert (document["end_ms"] is None) == document["active"]
+    assert any(json.loads(outputs.encode(alarm))["contributions"] for alarm in alarms)
+    for wrong in ({"event": "acknowledged"}, {"end_ms": "later"}, {"version": 2}):
+        document = {**json.loads(outputs.encode(alarms[0])), **wrong}
+        assert not jsonschema.Draft202012Validator(ALARM).is_valid(document), wrong
+
+
+def test_twin_states_with_active_alarms_match_their_schema() -> None:
+    state = TwinState(
+        msg_id="pump-001@20000",
+        entity_id="pump-001",
+        ts_ms=20_000,
+        status=Status.ALARM,
+        health=40.0,
+        anomaly_score=9.5,
+        threshold=3.0,
+        sensors={"flow": SensorState(140.0, 19_000, 0, "l/s")},
+        derived={"efficiency": None},
+        counts=Counts(readings=20, windows=2, anomalies=1, alarms=1),
+        active_alarms=["pump-001@10000"],
+    )
+    document = json.loads(outputs.encode(state))
+    jsonschema.validate(document, STATE)
+    assert document["active_alarms"] == ["pump-001@10000"]
+    assert document["counts"]["alarms"] == 1
+    assert not jsonschema.Draft202012Validator(STATE).is_valid({**document, "active_alarms": "x"})

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flows.twin import observe
 from schemas.deadletter import Source, dead_letter
-from schemas.outputs import Anomaly, LateReading, SensorWindow
+from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Anomaly, LateReading, SensorWindow
 from schemas.raw import Reason
 from tests.helpers import free_ports
 from twinflow.errors import ConfigError
@@ -30,6 +30,25 @@ def _window(end_ms: int) -> SensorWindow:
     return SensorWindow("p1", "flow", end_ms - 10_000, end_ms, 3, 1, 0, 2, 1, 1, 0, 0)
 
 
+def _alarm(event: AlarmEvent) -> Alarm:
+    active = event is AlarmEvent.RAISED
+    return Alarm(
+        msg_id=f"p1@0/{event.value}",
+        alarm_id="p1@0",
+        entity_id="p1",
+        kind=AlarmKind.ANOMALY,
+        event=event,
+        active=active,
+        ts_ms=30_000,
+        start_ms=0,
+        end_ms=None if active else 30_000,
+        peak_score=9.0,
+        threshold=3.0,
+        anomalous_windows=2,
+        contributions=[],
+    )
+
+
 def test_observe_counts_what_a_step_produced() -> None:
     names = (
         "twinflow_readings_accepted_total",
@@ -42,6 +61,7 @@ def test_observe_counts_what_a_step_produced() -> None:
     )
     before = {name: _value(name) for name in names}
     bad_json = _value("twinflow_dead_letters_total", reason="bad_json")
+    alarms = {event: _value("twinflow_alarms_total", event=event.value) for event in AlarmEvent}
     source = Source(kind="kafka", topic="twin.raw", partition=0, offset=1)
     received = datetime(2026, 1, 1, tzinfo=UTC)
     out = StepOutput(
@@ -55,6 +75,7 @@ def test_observe_counts_what_a_step_produced() -> None:
         windows=[_window(100_000), _window(100_000), _window(97_000)],
         late=[LateReading("m", "p1", "flow", 1, 1.0, 2, "twin.raw", 0, 1)],
         anomalies=[Anomaly("a", "p1", 90_000, 100_000, 9.0, 3.0, "hst", [])],
+        alarms=[_alarm(AlarmEvent.RAISED), _alarm(AlarmEvent.CLEARED), _alarm(AlarmEvent.RAISED)],
         dead_letters=[
             dead_letter(b"{", Reason.BAD_JSON, "x", source, received),
             dead_letter(b"{", Reason.BAD_JSON, "y", source, received),
@@ -72,6 +93,18 @@ def test_observe_counts_what_a_step_produced() -> None:
         "twinflow_anomalies_total": 1,
     }
     assert _value("twinflow_dead_letters_total", reason="bad_json") - bad_json == 2
+    assert {
+        event: _value("twinflow_alarms_total", event=event.value) - alarms[event]
+        for event in AlarmEvent
+    } == {AlarmEvent.RAISED: 2, AlarmEvent.CLEARED: 1, AlarmEvent.REBASELINED: 0}
+
+
+def test_every_alarm_event_has_a_series_from_the_start() -> None:
+    # Zero rather than no data: "no alarm cleared" reads as 0 on a graph.
+    for event in AlarmEvent:
+        assert (
+            REGISTRY.get_sample_value("twinflow_alarms_total", {"event": event.value}) is not None
+        )
 
 
 def test_the_endpoint_serves_the_registry_on_the_configured_address() -> None:

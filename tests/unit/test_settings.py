@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,68 @@ def test_secrets_are_masked_when_printed(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.masked()["mqtt"]["password"] == "**********"
     assert settings.mqtt.password is not None
     assert settings.mqtt.password.get_secret_value() == "s3cret-value"
+
+
+def test_detection_defaults_are_the_detectors_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinflow.detection import DetectorConfig
+
+    for name in ("TWINFLOW_DETECTION__CLEAR_WINDOWS", "TWINFLOW_DETECTION__REBASELINE_WINDOWS"):
+        monkeypatch.delenv(name, raising=False)
+    detection = load_settings().detection
+    assert detection.detector_config() == DetectorConfig()
+    assert detection.effective() == {
+        "clear_windows": DetectorConfig().clear_windows,
+        "rebaseline_windows": DetectorConfig().rebaseline_windows,
+    }
+    assert load_settings().masked()["detection"] == detection.effective()
+
+
+def test_detection_settings_reach_the_detector_and_none_means_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TWINFLOW_DETECTION__CLEAR_WINDOWS", "5")
+    monkeypatch.setenv("TWINFLOW_DETECTION__REBASELINE_WINDOWS", "none")
+    config = load_settings().detection.detector_config(seed=9)
+    assert (config.clear_windows, config.rebaseline_windows, config.seed) == (5, None, 9)
+    assert config.alarm_policy.rebaseline_windows is None
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"TWINFLOW_DETECTION__CLEAR_WINDOWS": "0"},
+            r"detection\.clear_windows \(env TWINFLOW_DETECTION__CLEAR_WINDOWS\).*1",
+        ),
+        (
+            {"TWINFLOW_DETECTION__REBASELINE_WINDOWS": "soon"},
+            r"detection\.rebaseline_windows \(env TWINFLOW_DETECTION__REBASELINE_WINDOWS\)",
+        ),
+        (
+            {
+                "TWINFLOW_DETECTION__CLEAR_WINDOWS": "8",
+                "TWINFLOW_DETECTION__REBASELINE_WINDOWS": "8",
+            },
+            r"rebaseline_windows \(8\) must exceed clear_windows \(8\).*"
+            r"TWINFLOW_DETECTION__CLEAR_WINDOWS.*TWINFLOW_DETECTION__REBASELINE_WINDOWS",
+        ),
+    ],
+)
+def test_bad_detection_settings_name_the_setting_and_its_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings()
+
+
+def test_loading_the_settings_does_not_load_the_detection_models() -> None:
+    # River takes about a second and 80 MiB; the bridges and service commands need neither.
+    probe = "import sys; from twinflow.settings import load_settings; load_settings(); "
+    probe += "print('river' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINFLOW_DETECTION__")}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+    )
+    assert result.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""Online anomaly detection per entity: features, River scorers, a decision rule.
+"""Online anomaly detection per entity: features, cycles, z-scores, a decision rule, alarms.
 
 Pure code: no I/O, no Bytewax, no Kafka, so the flow and the offline ``replay`` share it.
 
@@ -9,30 +9,20 @@ True
 """
 
 from twinflow.detection.alarms import AlarmPolicy, AlarmTracker
-from twinflow.detection.detector import (
-    DEFAULT_FLOORS,
-    Detection,
-    DetectorConfig,
-    EntityDetector,
-    Kind,
-)
+from twinflow.detection.detector import MODEL_NAME, Detection, DetectorConfig, EntityDetector
 from twinflow.detection.features import FEATURES, feature_vector, split_feature
 from twinflow.detection.monitor import EntityMonitor, Verdict
-from twinflow.detection.scorers import (
-    Aggregate,
-    FeatureDeviation,
-    HalfSpaceTreesScorer,
-    Scorer,
-    Standardizer,
-    ZScoreScorer,
-)
-from twinflow.detection.smoothing import FeatureSmoother
+from twinflow.detection.seasonal import DAY_MS, DEFAULT_PERIODS, WEEK_MS, Period, Seasonality
+from twinflow.detection.smoothing import Smoother
 from twinflow.detection.thresholds import Decision, DecisionRule, Persistence, ScoreThreshold
+from twinflow.detection.zscores import ZScores
 
 __all__ = [
-    "DEFAULT_FLOORS",
+    "DAY_MS",
+    "DEFAULT_PERIODS",
     "FEATURES",
-    "Aggregate",
+    "MODEL_NAME",
+    "WEEK_MS",
     "AlarmPolicy",
     "AlarmTracker",
     "Decision",
@@ -41,16 +31,13 @@ __all__ = [
     "DetectorConfig",
     "EntityDetector",
     "EntityMonitor",
-    "FeatureDeviation",
-    "FeatureSmoother",
-    "HalfSpaceTreesScorer",
-    "Kind",
+    "Period",
     "Persistence",
     "ScoreThreshold",
-    "Scorer",
-    "Standardizer",
+    "Seasonality",
+    "Smoother",
     "Verdict",
-    "ZScoreScorer",
+    "ZScores",
     "feature_vector",
     "split_feature",
 ]

@@ -22,7 +22,7 @@ and plain state (a few numbers and one small struct), so it pickles with the ent
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Contribution
 
@@ -31,9 +31,9 @@ from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Contribution
 class AlarmPolicy:
     """When an incident ends; counts are in windows."""
 
-    clear_windows: int = 3
+    clear_windows: int
     """Normal windows in a row that clear an active alarm."""
-    rebaseline_windows: int | None = 360
+    rebaseline_windows: int | None
     """An alarm active this many windows ends as re-baselined (None: never)."""
 
     def __post_init__(self) -> None:
@@ -79,7 +79,7 @@ class AlarmTracker:
     """
 
     entity_id: str
-    policy: AlarmPolicy = field(default_factory=AlarmPolicy)
+    policy: AlarmPolicy
     incident: _Incident | None = None
     raised: int = 0
     """Alarms raised so far."""

@@ -1,161 +1,118 @@
-"""One anomaly detector per entity: score, then decide, then learn only what is normal."""
+"""One anomaly detector per entity: deseasonalize, smooth, score, decide, learn what is normal."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+
+import numpy as np
 
 from schemas.outputs import Anomaly, Contribution, SensorWindow
 from twinflow.detection.alarms import AlarmPolicy
 from twinflow.detection.features import feature_vector, split_feature
-from twinflow.detection.scorers import (
-    Aggregate,
-    FeatureDeviation,
-    HalfSpaceTreesScorer,
-    Scorer,
-    ZScoreScorer,
-)
-from twinflow.detection.smoothing import FeatureSmoother
+from twinflow.detection.seasonal import DEFAULT_PERIODS, Index, Period, Seasonality
+from twinflow.detection.smoothing import Smoother
 from twinflow.detection.thresholds import DecisionRule
+from twinflow.detection.zscores import ZScores
 
-
-class Kind(StrEnum):
-    """Which scorer a detector runs."""
-
-    ZSCORE = "zscore"
-    """:class:`~twinflow.detection.scorers.ZScoreScorer` (the default)."""
-    HST = "hst"
-    """:class:`~twinflow.detection.scorers.HalfSpaceTreesScorer`."""
-
-
-DEFAULT_FLOORS: dict[Kind, float] = {Kind.ZSCORE: 2.0, Kind.HST: 0.1}
-"""Threshold floors in each scorer's units: guards for signals too quiet to calibrate on.
-
-A z-score of 2 (with ``Aggregate.MAX``, one feature 2 sigma off); for the
-trees a log-mass of 0.1 (a window whose path keeps 90 % of the most mass a path can
-hold is never anomalous).
-"""
-
-_MIN_CALIBRATION = 30
-"""Fewest warm-up scores the threshold is calibrated on."""
+MODEL_NAME = "zscore"
+"""The model name anomalies carry."""
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
     """How every entity's detector scores and decides; counts are in windows.
 
-    The defaults are the configuration that did best on real labeled data (SKAB's
-    valve runs and its anomaly-free run, ``python -m benchmarks.skab_evaluation``) while
-    still meeting the plant simulator's targets (``python -m
-    benchmarks.detection_on_simulator``). ``twinflow replay`` uses them too. Thresholds
-    come from the rule in :mod:`twinflow.detection.thresholds`, never from labels.
+    One configuration for every dataset: the flow's defaults are ``twinflow replay``'s
+    defaults, and thresholds come from the rule in :mod:`twinflow.detection.thresholds`,
+    never from labels. The evaluation harnesses (``make evaluate``: NAB, SKAB, the plant
+    simulator) measure it; the README says which choices were made by looking at their
+    development data.
     """
 
-    kind: Kind = Kind.ZSCORE
-    aggregate: Aggregate = Aggregate.MAX
-    """How the z-score model combines its features (``Kind.ZSCORE`` only)."""
-    smoothing: float = 0.05
-    """Weight of one new reading in each feature's exponentially weighted mean; the
-    model scores and learns the smoothed features (1: no smoothing). See
-    :mod:`twinflow.detection.smoothing`."""
+    smoothing: tuple[float, ...] = (0.3, 0.05)
+    """Weights of one new reading in each scale's exponentially weighted mean
+    (see :mod:`twinflow.detection.smoothing`); every scale is scored."""
     warmup_windows: int = 180
     """Windows learned from and never flagged (30 min of 10-s windows: a load cycle)."""
     quantile: float = 0.99
     """The threshold's quantile of the model's own warm-up scores."""
-    fence: float = 2.0
+    fence: float = 1.0
     """Margin above the quantile, in units of ``quantile - median`` of those scores."""
-    floor: float | None = None
-    """Lowest threshold, in score units; None: the kind's default (``DEFAULT_FLOORS``)."""
+    floor: float = 2.0
+    """Lowest threshold, in sigmas."""
+    refine_threshold: bool = True
+    """Let the threshold tighten (never loosen) as normal windows accumulate."""
     persist_k: int = 2
     persist_n: int = 3
     """An exceedance is an anomaly when at least ``persist_k`` of the last ``persist_n``
     windows exceeded."""
     learn_gate: float = 4.0
-    """After the warm-up, the z-score model learns each feature on its own, and only
-    while that feature is within this many sigmas (see :class:`EntityDetector`)."""
+    """After the warm-up each feature learns on its own, and only while it is within
+    this many sigmas (see :class:`EntityDetector`)."""
     memory_windows: int = 8640
     """How long the running statistics remember: exact over this many windows, then
     exponentially weighted with this horizon (8640 = one day of 10-s windows)."""
     clip: float = 4.0
-    """Learned values are clipped to mean ± clip · std (a robust, Huber-style update)."""
+    """After the warm-up, learned values are clipped to mean ± clip · std."""
+    min_count: int = 30
+    """Windows a feature must have been learned from before it is scored."""
+    regimes: int = 3
+    """Operating points the model remembers (see :mod:`twinflow.detection.zscores`)."""
+    periods: tuple[Period, ...] = DEFAULT_PERIODS
+    """Candidate cycles (see :mod:`twinflow.detection.seasonal`); empty: none."""
+    season_gain: float = 0.5
+    """A cycle is used when it leaves less than this share of the level's error."""
+    season_min_visits: int = 2
+    """Earlier periods a bin must have seen before its profile is used."""
+    season_memory: float = 7.0
+    """Periods a profile remembers."""
     expected_k: float = 3.0
     """The expected range of a feature in an explanation: learned mean ± k · std."""
     top: int = 3
     """Contributions reported per anomaly."""
-    seed: int = 42
-    """Seed of the trees (``Kind.HST``); the z-score model has no randomness."""
-    hst_trees: int = 10
-    hst_height: int = 8
-    hst_window: int = 100
-    """Reference window of the trees; their scores are 0 until it is full."""
-    hst_z_range: float = 8.0
-    """Standardized values in ±this span the trees' unit interval."""
-    clear_windows: int = 3
-    """Normal windows in a row that clear an active alarm (see :mod:`~.alarms`)."""
-    rebaseline_windows: int | None = 360
-    """An alarm active this many windows ends as re-baselined and the model accepts the
-    entity's level as normal (None: never)."""
+    clear_windows: int = 10
+    """Normal windows in a row that clear an active alarm (see :mod:`.alarms`)."""
+    rebaseline_after: float | None = 1.0
+    """An alarm active for this many warm-ups (times ``warmup_windows``) ends as re-baselined
+    and the model accepts the entity's level as a normal operating point (None: never)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", Kind(self.kind))
-        object.__setattr__(self, "aggregate", Aggregate(self.aggregate))
-        if not 0 < self.smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        object.__setattr__(self, "smoothing", tuple(float(w) for w in self.smoothing))
+        object.__setattr__(self, "periods", tuple(self.periods))
         if self.warmup_windows - self.calibrate_from < _MIN_CALIBRATION:
             raise ValueError(
                 f"warmup_windows={self.warmup_windows} leaves fewer than {_MIN_CALIBRATION} "
                 f"windows to calibrate the threshold on (calibration starts at window "
                 f"{self.calibrate_from}); raise it"
             )
-        self.alarm_policy  # noqa: B018 (validates the alarm settings)
         if (
             not 0.5 < self.quantile < 1
             or self.fence < 0
             or not 1 <= self.persist_k <= self.persist_n
         ):
             raise ValueError("need 0.5 < quantile < 1, fence >= 0 and 1 <= persist_k <= persist_n")
+        if self.rebaseline_after is not None and self.rebaseline_after <= 0:
+            raise ValueError(f"rebaseline_after must be positive, got {self.rebaseline_after}")
+        self.alarm_policy  # noqa: B018 (validates the alarm settings)
+
+    @property
+    def calibrate_from(self) -> int:
+        """Warm-up windows after which scores calibrate the threshold: the second half."""
+        return self.warmup_windows // 2
+
+    @property
+    def rebaseline_windows(self) -> int | None:
+        """Windows an alarm may stay active before it is re-baselined."""
+        if self.rebaseline_after is None:
+            return None
+        return max(self.clear_windows + 1, math.ceil(self.rebaseline_after * self.warmup_windows))
 
     @property
     def alarm_policy(self) -> AlarmPolicy:
         """When the entity's alarms clear or re-baseline."""
         return AlarmPolicy(self.clear_windows, self.rebaseline_windows)
-
-    @property
-    def calibrate_from(self) -> int:
-        """Warm-up windows after which scores calibrate the threshold.
-
-        The second half of the warm-up, once the running statistics have settled; for
-        the trees not before their first reference window is full.
-        """
-        if self.kind is Kind.HST:
-            return max(self.warmup_windows // 2, _HST_SCALER_WARMUP + self.hst_window)
-        return self.warmup_windows // 2
-
-    @property
-    def threshold_floor(self) -> float:
-        """The floor in effect."""
-        return DEFAULT_FLOORS[self.kind] if self.floor is None else self.floor
-
-    @property
-    def model_name(self) -> str:
-        """The model name anomalies carry."""
-        return str(self.kind)
-
-    def make_scorer(self) -> Scorer:
-        """A fresh scorer for one entity (cheap: the trees are built on first learning)."""
-        if self.kind is Kind.HST:
-            return HalfSpaceTreesScorer(
-                n_trees=self.hst_trees,
-                height=self.hst_height,
-                window_size=self.hst_window,
-                z_range=self.hst_z_range,
-                scaler_warmup=_HST_SCALER_WARMUP,
-                memory=self.memory_windows,
-                clip=self.clip,
-                seed=self.seed,
-            )
-        return ZScoreScorer(memory=self.memory_windows, clip=self.clip, aggregate=self.aggregate)
 
     def make_rule(self) -> DecisionRule:
         """A fresh decision rule for one entity."""
@@ -164,14 +121,16 @@ class DetectorConfig:
             calibrate_from=self.calibrate_from,
             quantile=self.quantile,
             fence=self.fence,
-            floor=self.threshold_floor,
+            floor=self.floor,
             k=self.persist_k,
             n=self.persist_n,
+            refine_every=self.warmup_windows if self.refine_threshold else None,
         )
 
 
-_HST_SCALER_WARMUP = 20
-"""Windows the trees' scaler learns alone before the trees are built."""
+_MIN_CALIBRATION = 30
+"""Fewest warm-up scores the threshold is calibrated on."""
+_ALL = slice(None)
 
 
 @dataclass(frozen=True)
@@ -185,7 +144,9 @@ class Detection:
     warming_up: bool
     contributions: list[Contribution] = field(default_factory=list)
     """The top features of an anomalous window (empty otherwise), largest weight first."""
-    model: str = str(Kind.ZSCORE)
+    model: str = MODEL_NAME
+    scored: bool = True
+    """False for a window without any feature: it was neither scored nor learned."""
 
     def to_anomaly(
         self, *, entity_id: str, window_start_ms: int, window_end_ms: int, msg_id: str
@@ -212,24 +173,29 @@ class Detection:
 
 
 class EntityDetector:
-    """The anomaly model of one entity: picklable, seeded, cheap until it sees data.
+    """The anomaly model of one entity: picklable, deterministic, cheap until it sees data.
 
-    :meth:`process` smooths a window's features, scores them, decides with the
-    :class:`~twinflow.detection.thresholds.DecisionRule`, then lets the model learn
-    what looks normal, so a long fault stays anomalous:
+    Per window (:meth:`process`), for each feature (``"flow.mean"``, ``"flow.std"``):
 
-    - the z-score model learns each feature on its own, while that feature is within
-      ``learn_gate`` sigmas. A window-level gate ("learn nothing from a window scoring
-      high") locks up on slow normal drift: once one feature (SKAB's fluid temperature
-      over hours) drifts past it, nothing is learned again and every later window is an
-      anomaly (98 % of SKAB's anomaly-free run after its warm-up, against 3 % per
-      feature). 4 sigmas: 3.5 still locked up there (93 %); 5 missed more of SKAB's
-      valve faults (F1 0.78 against 0.85, ``benchmarks/skab_evaluation.py``);
-    - the trees learn whole windows, only those the rule marks as normal.
+    1. remove its daily or weekly cycle where one measurably explains it
+       (:class:`~twinflow.detection.seasonal.Seasonality`);
+    2. smooth it at every time scale (:class:`~twinflow.detection.smoothing.Smoother`);
+    3. z-score every scale against the closest learned operating point; the window's
+       score is the largest ``|z|`` (:class:`~twinflow.detection.zscores.ZScores`);
+    4. decide with the :class:`~twinflow.detection.thresholds.DecisionRule`;
+    5. learn: during the warm-up everything; after it each feature on its own, and only
+       while it is within ``learn_gate`` sigmas. A window-level gate ("learn nothing
+       from a window scoring high") locks up on slow normal drift: once one feature
+       (SKAB's fluid temperature over hours) drifts past it, nothing is learned again and
+       every later window is an anomaly (98 % of SKAB's anomaly-free run after its
+       warm-up, against 3 % per feature). A fault stays unlearned, so it stays
+       anomalous until its alarm is re-baselined (:meth:`rebaseline`).
 
-    The scorer is created on the first window (HST trees on the first one learned).
+    Measured per window (10 features, two scales, both cycles): see the README's
+    detection section.
 
-    >>> detector = EntityDetector(DetectorConfig(warmup_windows=60, smoothing=1.0))
+    >>> detector = EntityDetector(DetectorConfig(warmup_windows=60, smoothing=(1.0,),
+    ...                                          min_count=10, periods=()))
     >>> for i in range(80):
     ...     d = detector.process({"flow.mean": 100.0 + i % 3, "flow.std": 1.0 + (i % 2) / 10})
     >>> d.warming_up, d.is_anomaly, round(d.threshold, 2)
@@ -243,100 +209,207 @@ class EntityDetector:
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
-        self._scorer: Scorer | None = None
+        self.columns: dict[str, int] = {}
+        """Column of each feature seen so far."""
+        self._names: list[str] = []
+        self._sensors: list[str] = []
+        self.clock = 0
+        """Windows scored so far (empty ones do not count)."""
+        self._seasonality: Seasonality | None = None
+        self._smoother: Smoother | None = None
+        self._scores: ZScores | None = None
         self._rule: DecisionRule | None = None
-        self._smoother: FeatureSmoother | None = None
 
     @property
     def windows(self) -> int:
         """Windows processed so far (empty ones do not count)."""
-        return 0 if self._rule is None else self._rule.windows
+        return self.clock
 
     @property
     def threshold(self) -> float | None:
         """The threshold in effect (None until the warm-up is over)."""
         return None if self._rule is None else self._rule.threshold
 
-    def process_window(self, windows: Mapping[str, SensorWindow]) -> Detection:
+    def process_window(
+        self, windows: Mapping[str, SensorWindow], ts_ms: int = 0, *, in_alarm: bool = False
+    ) -> Detection:
         """:meth:`process` one closed window of the entity: the flow's and replay's way in."""
         return self.process(
-            feature_vector(windows), {sensor: w.count for sensor, w in windows.items()}
+            feature_vector(windows),
+            {sensor: w.count for sensor, w in windows.items()},
+            ts_ms,
+            in_alarm=in_alarm,
         )
 
     def process(
-        self, x: Mapping[str, float], readings: Mapping[str, int] | None = None
+        self,
+        x: Mapping[str, float],
+        readings: Mapping[str, int] | None = None,
+        ts_ms: int = 0,
+        *,
+        in_alarm: bool = False,
     ) -> Detection:
-        """Smooth ``x``, score it, decide, then learn it if the rule says it is normal.
+        """Score one window's features ``x``, decide, then learn what looks normal.
 
         ``readings``: how many readings each sensor's features summarize (the smoothing
-        weighs a window by them; default 1). An empty ``x`` (no sensor had a reading)
-        says nothing: it is neither scored nor learned, and does not count towards the
-        warm-up or persistence.
+        weighs a window by them; default 1). ``ts_ms``: the window's event time (its
+        start), which places it in the daily and weekly cycles. ``in_alarm``: the entity
+        has an active alarm (its windows do not refine the threshold). An empty ``x`` (no
+        sensor had a reading) says nothing: it is neither scored nor learned, and does not
+        count towards the warm-up or persistence.
         """
-        if self._scorer is None or self._rule is None or self._smoother is None:
-            self._scorer = self.config.make_scorer()
-            self._rule = self.config.make_rule()
-            self._smoother = FeatureSmoother(self.config.smoothing)
-        features = self._smoother.update(x, readings)
-        if not features:
-            return Detection(
-                0.0,
-                self._rule.threshold,
-                is_anomaly=False,
-                warming_up=self._rule.warming_up,
-                model=self.config.model_name,
+        config = self.config
+        if self._rule is None:
+            self._rule = config.make_rule()
+        if not x:
+            return Detection(0.0, self._rule.threshold, False, self._rule.warming_up, scored=False)
+        seasonality, smoother, scores = self._parts()
+        columns, names = self._columns(x)
+        values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
+        counts = self._counts(names, readings)
+        plain, cycle = seasonality.apply(columns, values, ts_ms)
+        if len(seasonality.changed):
+            scores.relearn(seasonality.changed)
+        smoothed = smoother.update(columns, plain, counts)
+        self.clock += 1
+        z, std, regime = scores.z(columns, smoothed, self.clock)
+        score = float(np.abs(z).max())
+        decision = self._rule.decide(score, normal_context=not in_alarm)
+        contributions = (
+            self._explain(names, columns, smoothed, z, std, regime, cycle)
+            if decision.is_anomaly
+            else []
+        )
+        if decision.warming_up:
+            scores.learn(columns, smoothed, regime)
+        else:
+            scores.learn(
+                columns, smoothed, regime, gate=config.learn_gate, z=z, std=std, robust=True
             )
-        score = self._scorer.score_one(features)
-        decision = self._rule.decide(score)
-        contributions = self._explain(features) if decision.is_anomaly else []
-        if isinstance(self._scorer, ZScoreScorer) and not decision.warming_up:
-            self._scorer.learn_within(features, self.config.learn_gate)
-        elif decision.learn:
-            self._scorer.learn_one(features)
         return Detection(
             score=score,
             threshold=decision.threshold,
             is_anomaly=decision.is_anomaly,
             warming_up=decision.warming_up,
             contributions=contributions,
-            model=self.config.model_name,
         )
 
     def rebaseline(self) -> None:
-        """Accept the entity's current level as its normal.
+        """Accept the entity's current level as a normal operating point.
 
-        Every feature's learned mean moves to its current smoothed value; what the model
-        learned of each feature's variability stays, and so does the threshold. Recent
-        exceedances are forgotten, so the next window is judged against the new level
-        only. Called when an alarm has lasted long enough to be a new operating point
+        The smoothed features as they are now become the means of a new regime (what the
+        model learned of each feature's variability stays, and so do the threshold and
+        the earlier regimes, so a return to the old level is still normal). Recent
+        exceedances are forgotten, so the next window is judged against the new level.
+        Called when an alarm has lasted long enough to be a new operating point
         (:class:`~twinflow.detection.alarms.AlarmTracker`), and by an operator's verdict
         that an alarm was normal.
         """
-        if self._scorer is None or self._rule is None or self._smoother is None:
+        if self._scores is None or self._smoother is None or self._rule is None:
             return
-        self._scorer.rebaseline(self._smoother.means)
-        self._rule.persistence.recent.clear()
+        seen = np.flatnonzero(self._smoother.seen)
+        self._scores.add_regime(seen, self._smoother.means[seen], self.clock)
+        self._rule.persistence.clear()
 
-    def explain(self, x: Mapping[str, float]) -> list[FeatureDeviation]:
-        """Every scored feature of ``x`` against the current model, largest share first."""
-        if self._scorer is None:
-            return []
-        return self._scorer.explain_one(dict(x))
+    def learn_normal(
+        self, x: Mapping[str, float], readings: Mapping[str, int] | None = None, ts_ms: int = 0
+    ) -> None:
+        """Learn the window ``x`` as normal whatever it scores (an operator said so)."""
+        if not x:
+            return
+        seasonality, smoother, scores = self._parts()
+        columns, names = self._columns(x)
+        values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
+        plain, _ = seasonality.apply(columns, values, ts_ms)
+        smoothed = smoother.update(columns, plain, self._counts(names, readings))
+        _, _, regime = scores.z(columns, smoothed, self.clock)
+        scores.learn(columns, smoothed, regime)
 
-    def _explain(self, features: dict[str, float]) -> list[Contribution]:
-        assert self._scorer is not None
+    def _parts(self) -> tuple[Seasonality, Smoother, ZScores]:
+        config = self.config
+        if self._seasonality is None or self._smoother is None or self._scores is None:
+            self._seasonality = Seasonality(
+                config.periods,
+                gain=config.season_gain,
+                min_visits=config.season_min_visits,
+                memory=config.season_memory,
+            )
+            self._smoother = Smoother(config.smoothing)
+            self._scores = ZScores(
+                len(config.smoothing),
+                regimes=config.regimes,
+                memory=config.memory_windows,
+                clip=config.clip,
+                min_count=config.min_count,
+            )
+        return self._seasonality, self._smoother, self._scores
+
+    def _columns(self, x: Mapping[str, float]) -> tuple[Index, list[str]]:
+        """Where ``x``'s features live (see :data:`~.seasonal.Index`), and their names."""
+        names = list(x)
+        if names == self._names:
+            return _ALL, names
+        columns = self.columns
+        new = [name for name in names if name not in columns]
+        if new:
+            for name in new:
+                columns[name] = len(columns)
+            self._names = list(columns)
+            self._sensors = [split_feature(name)[0] for name in self._names]
+            level_of = [columns.get(f"{sensor}.mean", i) for i, sensor in enumerate(self._sensors)]
+            features = len(columns)
+            seasonality, smoother, scores = self._parts()
+            seasonality.grow(features)
+            smoother.grow(features)
+            scores.grow(np.asarray(level_of, dtype=np.int64))
+            if names == self._names:
+                return _ALL, names
+        return np.fromiter((columns[name] for name in names), np.int64, len(names)), names
+
+    def _counts(self, names: list[str], readings: Mapping[str, int] | None) -> np.ndarray | None:
+        """Readings behind each feature of the window (None: one each)."""
+        if not readings:
+            return None
+        sensors = (
+            self._sensors
+            if names is self._names or names == self._names
+            else [split_feature(name)[0] for name in names]
+        )
+        return np.fromiter((readings.get(sensor, 1) for sensor in sensors), np.int64, len(names))
+
+    def _explain(
+        self,
+        names: list[str],
+        columns: Index,
+        smoothed: np.ndarray,
+        z: np.ndarray,
+        std: np.ndarray,
+        regime: int,
+        cycle: np.ndarray,
+    ) -> list[Contribution]:
+        """The top features, each at the scale where it is furthest off, in sensor units."""
+        assert self._scores is not None
         k = self.config.expected_k
+        rows = np.arange(len(names))
+        scale = np.abs(z).argmax(axis=1)
+        peak = z[rows, scale]
+        weights = peak * peak
+        total = float(weights.sum())
+        spread = std[rows, scale]
+        mean = self._scores.means[regime, columns][rows, scale]
+        order = sorted(rows.tolist(), key=lambda i: (-weights[i], names[i]))
         contributions = []
-        for deviation in self._scorer.explain_one(features)[: self.config.top]:
-            sensor, feature = split_feature(deviation.feature)
+        for i in order[: self.config.top]:
+            sensor, feature = split_feature(names[i])
+            level = float(mean[i] + cycle[i])
             contributions.append(
                 Contribution(
                     sensor=sensor,
                     feature=feature,
-                    value=deviation.value,
-                    expected_low=deviation.mean - k * deviation.std,
-                    expected_high=deviation.mean + k * deviation.std,
-                    weight=deviation.share,
+                    value=float(smoothed[i, scale[i]] + cycle[i]),
+                    expected_low=level - k * float(spread[i]),
+                    expected_high=level + k * float(spread[i]),
+                    weight=float(weights[i]) / total if total > 0 else 1.0 / len(names),
                 )
             )
         return contributions

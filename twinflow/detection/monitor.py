@@ -30,7 +30,8 @@ class EntityMonitor:
     level in the same call, so the next window is judged against it.
 
     >>> from twinflow.detection import DetectorConfig
-    >>> monitor = EntityMonitor("pump-001", DetectorConfig(warmup_windows=60, smoothing=1.0))
+    >>> config = DetectorConfig(warmup_windows=60, smoothing=(1.0,), min_count=10, periods=())
+    >>> monitor = EntityMonitor("pump-001", config)
     >>> for i in range(80):
     ...     _ = monitor.process({"flow.mean": 100.0 + i % 3}, i * 10_000, (i + 1) * 10_000)
     >>> [len(monitor.process({"flow.mean": 140.0}, t, t + 10_000).alarms)
@@ -48,7 +49,8 @@ class EntityMonitor:
         self, windows: Mapping[str, SensorWindow], start_ms: int, end_ms: int
     ) -> Verdict:
         """Judge one closed window of the entity (its sensors' features)."""
-        return self._judge(self.detector.process_window(windows), start_ms, end_ms)
+        detection = self.detector.process_window(windows, start_ms, in_alarm=self.in_alarm)
+        return self._judge(detection, start_ms, end_ms)
 
     def process(
         self,
@@ -58,10 +60,16 @@ class EntityMonitor:
         readings: Mapping[str, int] | None = None,
     ) -> Verdict:
         """Judge one window given as a feature dict (see ``EntityDetector.process``)."""
-        return self._judge(self.detector.process(x, readings), start_ms, end_ms)
+        detection = self.detector.process(x, readings, start_ms, in_alarm=self.in_alarm)
+        return self._judge(detection, start_ms, end_ms)
+
+    @property
+    def in_alarm(self) -> bool:
+        """Whether the entity has an active alarm."""
+        return self.alarms.incident is not None
 
     def _judge(self, detection: Detection, start_ms: int, end_ms: int) -> Verdict:
-        if detection.warming_up:
+        if detection.warming_up or not detection.scored:
             return Verdict(detection, [])
         alarms = self.alarms.update(
             detection.is_anomaly,

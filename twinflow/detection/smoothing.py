@@ -1,73 +1,80 @@
-"""Exponential smoothing of window features before they are scored, per reading.
+"""Exponential smoothing of window features at several time scales, per reading.
 
 A fault that shifts a signal by a fraction of its noise (on SKAB's valve runs the flow
 rate drops by 0.5-3 sigma of its 1-Hz noise) is invisible in any single window and
-plain in an average over a few dozen readings. An exponentially weighted mean per
-feature is that average online: constant memory, no window to hold, and the scorer
-learns the variability of the smoothed feature itself, so its z-scores stay calibrated
+plain in an average over a few dozen readings; a spike or a burst is plain in a few
+readings and gone in an average over dozens. So each feature is smoothed at several
+scales at once, and the scorer standardizes each scale on its own: by default a fast one
+(``w = 0.3``: about three readings) and a slow one (``w = 0.05``: about twenty). An
+exponentially weighted mean needs constant memory and no window to hold, and the scorer
+learns the variability of each smoothed series itself, so its z-scores stay calibrated
 however autocorrelated the raw signal is.
 
-The weight is stated per reading, so the smoothing spans the same number of readings
-whatever the window length: a window summarizing ``n`` readings of a sensor moves that
-sensor's features by ``1 - (1 - w)^n``. With the default ``w = 0.05`` a 1-reading row of
-a replay moves them by 5 %, a 10-s window of a 1-Hz sensor in the flow by 40 %; either
-way a step is half-way through after ~14 readings. The price is that delay, and that a
-fault lingers as long after it ends.
+Weights are stated per reading, so a scale spans the same number of readings whatever
+the window length: a window summarizing ``n`` readings of a sensor moves that sensor's
+features by ``1 - (1 - w)^n``. With ``w = 0.05`` a 1-reading row of a replay moves them
+by 5 %, a 10-s window of a 1-Hz sensor in the flow by 40 %; either way a step is
+half-way through after ~14 readings. The price of the slow scale is that delay, and that
+a fault lingers as long after it ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numpy as np
+import numpy.typing as npt
 
-from twinflow.detection.features import split_feature
+from twinflow.detection.seasonal import Index
+
+Floats = npt.NDArray[np.float64]
+Ints = npt.NDArray[np.int64]
 
 
-class FeatureSmoother:
-    """An exponentially weighted mean per feature, created on first sight.
+class Smoother:
+    """An exponentially weighted mean per feature and scale, started at first sight.
 
     Only the features present in a window are updated and returned: a missing sensor
-    stays missing, it does not repeat its last smoothed value. ``weight`` is the share
-    of one new reading (1 turns smoothing off).
+    stays missing, it does not repeat its last smoothed value.
 
-    >>> smoother = FeatureSmoother(weight=0.5)
-    >>> smoother.update({"flow.mean": 10.0})
-    {'flow.mean': 10.0}
-    >>> smoother.update({"flow.mean": 20.0, "flow.std": 1.0})
-    {'flow.mean': 15.0, 'flow.std': 1.0}
-    >>> smoother.update({"flow.mean": 25.0}, readings={"flow": 2})  # weight 1 - 0.5²
-    {'flow.mean': 22.5}
+    >>> import numpy as np
+    >>> smoother = Smoother((1.0, 0.5))
+    >>> smoother.grow(2)
+    >>> smoother.update(np.array([0]), np.array([10.0]), np.array([1])).tolist()
+    [[10.0, 10.0]]
+    >>> smoother.update(np.array([0, 1]), np.array([20.0, 1.0]), np.array([1, 1])).tolist()
+    [[20.0, 15.0], [1.0, 1.0]]
+    >>> smoother.update(np.array([0]), np.array([25.0]), np.array([2])).tolist()  # 1 - 0.5²
+    [[25.0, 22.5]]
     """
 
-    __slots__ = ("means", "weight")
+    __slots__ = ("means", "seen", "weights")
 
-    def __init__(self, weight: float) -> None:
-        if not 0 < weight <= 1:
-            raise ValueError(f"smoothing weight must be in (0, 1], got {weight}")
-        self.weight = weight
-        self.means: dict[str, float] = {}
+    def __init__(self, weights: tuple[float, ...]) -> None:
+        if not weights or not all(0 < w <= 1 for w in weights):
+            raise ValueError(f"smoothing weights must be in (0, 1], got {weights}")
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.means = np.zeros((0, len(weights)))
+        self.seen = np.zeros(0, dtype=bool)
 
-    def __getstate__(self) -> tuple[float, dict[str, float]]:
-        return self.weight, self.means
+    def grow(self, features: int) -> None:
+        """Make room for ``features`` features."""
+        extra = features - len(self.seen)
+        if extra > 0:
+            self.means = np.vstack([self.means, np.zeros((extra, len(self.weights)))])
+            self.seen = np.append(self.seen, np.zeros(extra, dtype=bool))
 
-    def __setstate__(self, state: tuple[float, dict[str, float]]) -> None:
-        self.weight, self.means = state
+    def update(self, columns: Index, values: Floats, readings: Ints | None) -> Floats:
+        """Fold one window in; the smoothed values of its features, one row per feature.
 
-    def update(
-        self, x: Mapping[str, float], readings: Mapping[str, int] | None = None
-    ) -> dict[str, float]:
-        """Fold one window into the running means; the smoothed values of its features.
-
-        ``readings``: how many readings each sensor's window summarizes (default 1).
+        ``readings``: how many readings each feature summarizes (at least 1 counts;
+        None: one each).
         """
-        if self.weight == 1:
-            return dict(x)
-        smoothed = {}
-        for feature, value in x.items():
-            mean = self.means.get(feature)
-            if mean is None:
-                mean = value
-            else:
-                count = readings.get(split_feature(feature)[0], 1) if readings else 1
-                mean += (1.0 - (1.0 - self.weight) ** max(count, 1)) * (value - mean)
-            self.means[feature] = smoothed[feature] = mean
+        if readings is None:
+            step = self.weights[None, :]
+        else:
+            step = 1.0 - (1.0 - self.weights[None, :]) ** np.maximum(readings, 1)[:, None]
+        current = self.means[columns]
+        moved = current + step * (values[:, None] - current)
+        smoothed = np.where(self.seen[columns, None], moved, values[:, None])
+        self.means[columns] = smoothed
+        self.seen[columns] = True
         return smoothed

@@ -14,32 +14,25 @@ with a calibration phase (Phase I) and a monitoring phase (Phase II):
 
    A Tukey-style fence above a high quantile: ``Q_q`` says where normal scores stop,
    the fence adds a margin in units of their spread, so the false-alarm rate stays
-   well under ``1 - q`` without estimating an extreme quantile from a few hundred
-   scores, and the rule works on any score scale. The ``floor`` (in score units)
-   keeps a perfectly quiet signal, whose scores are all ~0, from alarming on its next
-   bit of noise.
-3. **Persistence (Phase II)**: a window is anomalous when its score exceeds the
+   under ``1 - q`` without estimating an extreme quantile from a few hundred scores,
+   and the rule works on any score scale. The ``floor`` (in score units) keeps a
+   perfectly quiet signal, whose scores are all ~0, from alarming on its next bit of
+   noise.
+3. **Refinement, downwards only.** The quantiles keep learning the scores of windows
+   that neither exceed the threshold nor belong to an active alarm, and every
+   ``refine_every`` windows the threshold becomes the rule over all of them if that is
+   lower. A warm-up is short, and the model is still young in it (a daily profile has
+   seen two days), so its scores run higher than later ones; the threshold tightens as
+   normal evidence accumulates. It never loosens by itself: a threshold that may rise
+   with what it lets through is pulled up by the slow faults it should catch (on the
+   simulator, a threshold free to follow every score under it found 0 of 17 bearing-wear
+   ramps, against 17 of 17 fixed).
+4. **Persistence (Phase II)**: a window is anomalous when its score exceeds the
    threshold and at least ``k`` of the last ``n`` windows (itself included) did. A
    lone exceedance (a spike, a glitch) is not an anomaly; a sustained one is flagged
    from its ``k``-th window on. On the simulator's development seeds, 2 of 3 cost one
    window (10 s) of delay and removed all 10 false alarms and all 7 single-reading
    spikes that 1 of 1 flagged.
-4. **What the model learns**: in Phase II only what looks normal. ``Decision.learn``
-   says whether a window scored at most ``Q_q`` (the calibrated high quantile, below
-   the threshold): the trees learn only such windows, so anomalies stay out, and so do
-   elevated windows the threshold has not caught yet (the onset of a slow fault must
-   not teach the model that it is normal). The z-score model goes further and gates
-   each feature on its own (``DetectorConfig.learn_gate``), which also follows slow
-   normal drift; see :class:`~twinflow.detection.EntityDetector`.
-
-Why the threshold stops moving, and why learning stops at ``Q_q``: a slow fault
-teaches whatever keeps learning from the windows it lets through. On the simulator's
-development seeds, a running threshold (quantiles fed by every score under it) was
-pulled up by the bearing-wear ramps ahead of their scores and caught at most 1 of 17
-of them; fixed, but with the model learning every window under it, 16 of 17 (34 of 40
-on other seeds); fixed and learning only up to ``Q_q``, 17 of 17 (40 of 40). The model
-keeps learning normal windows, so its scores stay calibrated. To re-baseline an entity
-(after maintenance, at a new operating point), start a new detector.
 """
 
 from __future__ import annotations
@@ -110,6 +103,10 @@ class Persistence:
         self.recent.append(exceeded)
         return exceeded and sum(self.recent) >= self.k
 
+    def clear(self) -> None:
+        """Forget the recent windows (the model was re-baselined)."""
+        self.recent.clear()
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -122,23 +119,21 @@ class Decision:
     is_anomaly: bool
     """Exceeds, and persistence confirmed it."""
     warming_up: bool
-    learn: bool
-    """Whether the model should learn this window."""
 
 
 class DecisionRule:
-    """Warm-up and calibration, then a fixed threshold with persistence.
+    """Warm-up and calibration, then a threshold that only tightens, with persistence.
 
     >>> rule = DecisionRule(warmup=6, calibrate_from=2, quantile=0.9, fence=1.0, k=2, n=3)
     >>> [rule.decide(s).warming_up for s in (9.0, 1.0, 1.2, 0.8, 1.1, 0.9)]
     [True, True, True, True, True, True]
-    >>> round(rule.level, 2), round(rule.threshold, 2)  # Q_0.9 + (Q_0.9 - median)
-    (1.2, 1.3)
+    >>> round(rule.threshold, 2)  # Q_0.9 + (Q_0.9 - median)
+    1.3
     >>> d = rule.decide(1.0)
-    >>> d.warming_up, d.exceeds, d.learn
-    (False, False, True)
-    >>> [(d.exceeds, d.is_anomaly, d.learn) for d in map(rule.decide, (5.0, 5.0, 1.0))]
-    [(True, False, False), (True, True, False), (False, False, True)]
+    >>> d.warming_up, d.exceeds, d.is_anomaly
+    (False, False, False)
+    >>> [(d.exceeds, d.is_anomaly) for d in map(rule.decide, (5.0, 5.0, 1.0))]
+    [(True, False), (True, True), (False, False)]
     """
 
     def __init__(
@@ -146,22 +141,24 @@ class DecisionRule:
         warmup: int = 180,
         calibrate_from: int | None = None,
         quantile: float = 0.99,
-        fence: float = 2.0,
+        fence: float = 1.0,
         floor: float = 0.0,
         k: int = 2,
         n: int = 3,
+        refine_every: int | None = None,
     ) -> None:
         start = warmup // 2 if calibrate_from is None else calibrate_from
         if not 0 <= start < warmup:
             raise ValueError(f"calibration must start inside the warm-up: 0 <= {start} < {warmup}")
+        if refine_every is not None and refine_every < 1:
+            raise ValueError(f"refine_every must be at least 1, got {refine_every}")
         self.warmup = warmup
         self.calibrate_from = start
+        self.refine_every = refine_every
         self.windows = 0
-        self.calibration: ScoreThreshold | None = ScoreThreshold(quantile, fence, floor)
+        self.calibration = ScoreThreshold(quantile, fence, floor)
         self.threshold: float | None = None
-        """The fixed threshold, once the warm-up is over."""
-        self.level: float | None = None
-        """The calibrated ``Q_q``: windows scoring above it are not learned."""
+        """The threshold in effect, once the warm-up is over."""
         self.persistence = Persistence(k, n)
 
     @property
@@ -169,22 +166,26 @@ class DecisionRule:
         """Whether the next window is still in the warm-up."""
         return self.windows < self.warmup
 
-    def decide(self, score: float) -> Decision:
-        """Decide on the score of the next window."""
+    def decide(self, score: float, *, normal_context: bool = True) -> Decision:
+        """Decide on the score of the next window.
+
+        ``normal_context``: False while the window belongs to an active alarm; such
+        windows never refine the threshold.
+        """
         self.windows += 1
-        if self.calibration is not None:
+        if self.threshold is None:
             if self.windows > self.calibrate_from:
                 self.calibration.update(score)
-            if self.windows < self.warmup:
-                return Decision(None, False, False, warming_up=True, learn=True)
-            # The last warm-up window: fix the threshold, drop the quantiles.
-            self.threshold = self.calibration.get()
-            self.level = self.calibration.level()
-            self.calibration = None
-            return Decision(None, False, False, warming_up=True, learn=True)
-        assert self.threshold is not None and self.level is not None
-        exceeds = score > self.threshold
+            if self.windows >= self.warmup:
+                self.threshold = self.calibration.get()
+            return Decision(None, False, False, warming_up=True)
+        threshold = self.threshold
+        exceeds = score > threshold
         is_anomaly = self.persistence.update(exceeds)
-        return Decision(
-            self.threshold, exceeds, is_anomaly, warming_up=False, learn=score <= self.level
-        )
+        if self.refine_every is not None and normal_context and not exceeds:
+            self.calibration.update(score)
+            if (self.windows - self.warmup) % self.refine_every == 0:
+                refined = self.calibration.get()
+                if refined is not None and refined < threshold:
+                    self.threshold = refined
+        return Decision(threshold, exceeds, is_anomaly, warming_up=False)
