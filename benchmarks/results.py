@@ -8,9 +8,9 @@ from typing import Any
 def plain(value: Any) -> Any:
     """``value`` with every ``str`` subclass (an enum member) turned into a plain ``str``.
 
-    >>> from twinflow.detection import Kind
-    >>> plain({"kind": Kind.HST, "nested": {"n": 3}})
-    {'kind': 'hst', 'nested': {'n': 3}}
+    >>> from schemas.outputs import AlarmEvent
+    >>> plain({"event": AlarmEvent.RAISED, "nested": {"n": 3}})
+    {'event': 'raised', 'nested': {'n': 3}}
     """
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}

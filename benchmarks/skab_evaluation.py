@@ -33,7 +33,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.results import plain
-from twinflow.detection import Aggregate, DetectorConfig, Kind
+from twinflow.detection import DetectorConfig
 from twinflow.replay import ReplayOptions, replay_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +52,13 @@ TRAIN_ROWS = 400
 DEFAULT_NAME = "twinflow default"
 CONFIGS: dict[str, DetectorConfig] = {
     DEFAULT_NAME: DetectorConfig(),
-    "zscore rms, unsmoothed": DetectorConfig(aggregate=Aggregate.RMS, smoothing=1.0),
-    "zscore max, unsmoothed": DetectorConfig(smoothing=1.0),
-    "zscore rms, smoothed": DetectorConfig(aggregate=Aggregate.RMS),
-    "learn gate 3.5 sigma": DetectorConfig(learn_gate=3.5),
-    "learn gate 5 sigma": DetectorConfig(learn_gate=5.0),
-    "hst, smoothed": DetectorConfig(kind=Kind.HST),
+    "one slow time scale": DetectorConfig(smoothing=(0.05,)),
+    "no daily or weekly cycles": DetectorConfig(periods=()),
+    "one operating point": DetectorConfig(regimes=1),
+    "fence 2": DetectorConfig(fence=2.0),
+    "threshold fixed after the warm-up": DetectorConfig(refine_threshold=False),
+    "no re-baselining": DetectorConfig(rebaseline_after=None),
+    "clear after 3 windows": DetectorConfig(clear_windows=3),
 }
 """The default and its neighbours, each differing from it in the named settings only."""
 ANOMALY_FREE = "anomaly-free.csv"
@@ -332,7 +333,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     for name, config in CONFIGS.items():
         if args.default_only and name != DEFAULT_NAME:
             continue
-        config = replace(config, seed=args.seed)
         slug = name.replace(" ", "-").replace(",", "")
         results = evaluate(config, files, args.out / "replays" / slug, args.window, args.warmup)
         configs[name] = {"config": plain(asdict(config)), **summarize(results)}
@@ -376,7 +376,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--window", type=int, default=ReplayOptions().window_rows, help="rows per window"
     )
     parser.add_argument("--warmup", type=int, default=TRAIN_ROWS, help="warm-up rows")
-    parser.add_argument("--seed", type=int, default=DetectorConfig().seed)
     parser.add_argument("--default-only", action="store_true", help="only the default config")
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args(argv)

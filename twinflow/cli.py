@@ -318,7 +318,7 @@ def replay(
         Path, typer.Argument(metavar="INPUT.csv", help="a time column, then one column per sensor")
     ],
     output: Annotated[
-        Path, typer.Option("--out", help="where to write timestamp,score,is_anomaly")
+        Path, typer.Option("--out", help="where to write timestamp,score,is_anomaly,alarm_raised")
     ],
     time_column: Annotated[
         str | None, typer.Option(help="column copied as timestamp (default: the first)")
@@ -337,24 +337,18 @@ def replay(
         int | None,
         typer.Option(help="rows per feature window (default: 1, every row scored on its own)"),
     ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="seed of randomized models (default: the flow's)")
-    ] = None,
 ) -> None:
     """Run the flow's per-entity anomaly detection over a CSV, one output row per input row."""
     # Imported here, not at the top: the detection models (River) take about a second to
     # import, which every other command would pay for nothing.
-    from twinflow.detection import DetectorConfig
     from twinflow.replay import ReplayOptions, replay_file
 
-    given = {"window_rows": window} if window is not None else {}
     options = ReplayOptions(
         time_column=time_column,
         delimiter=delimiter,
         exclude_columns=tuple(c.strip() for c in exclude_columns.split(",") if c.strip()),
         warmup_rows=warmup,
-        detector=DetectorConfig() if seed is None else DetectorConfig(seed=seed),
-        **given,
+        window_rows=ReplayOptions.window_rows if window is None else window,
     )
     summary = replay_file(input_csv, output, options)
     threshold = "none (the file ended in the warm-up)"
@@ -363,7 +357,8 @@ def replay(
     err.print(
         f"replayed {summary.rows} rows of {len(summary.sensors)} sensors in {summary.windows} "
         f"windows of {options.window_rows} row(s); warm-up {summary.warmup_windows} windows; "
-        f"threshold {threshold}; {summary.anomalies} rows flagged -> {output}",
+        f"threshold {threshold}; {summary.alarms} alarms raised, {summary.anomalies} rows in "
+        f"alarms -> {output}",
         highlight=False,
     )
 

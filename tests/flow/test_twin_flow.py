@@ -278,7 +278,7 @@ def test_batch_boundaries_do_not_change_the_results(
 # Alarms need a warmed-up model: 2-s windows and a 60-window warm-up give the 10 minutes
 # of plant 300 windows per entity, and alarms re-baselined after 30 windows give every
 # kind of transition.
-ALARM_DETECTOR = DetectorConfig(warmup_windows=60, rebaseline_windows=30)
+ALARM_DETECTOR = DetectorConfig(warmup_windows=60, rebaseline_after=0.5)
 
 
 @pytest.fixture(scope="module")

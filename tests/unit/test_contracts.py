@@ -96,9 +96,17 @@ def test_output_schema_files_match_the_structs() -> None:
 def _monitored_alarms() -> list[Alarm]:
     """Every kind of alarm transition, produced by the flow's own monitor."""
     monitor = EntityMonitor(
-        "pump-001", DetectorConfig(warmup_windows=60, smoothing=1.0, rebaseline_windows=8)
+        "pump-001",
+        DetectorConfig(
+            warmup_windows=60,
+            smoothing=(1.0,),
+            min_count=10,
+            periods=(),
+            clear_windows=3,
+            rebaseline_after=0.2,
+        ),
     )
-    levels = [100.0 + i % 3 for i in range(80)] + [140.0] * 4 + [101.0] * 4 + [180.0] * 12
+    levels = [100.0 + i % 3 for i in range(80)] + [140.0] * 4 + [101.0] * 4 + [180.0] * 20
     alarms = []
     for i, flow in enumerate(levels):
         alarms += monitor.process({"flow.mean": flow}, i * 10_000, (i + 1) * 10_000).alarms

@@ -1,5 +1,6 @@
 import math
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -7,17 +8,20 @@ import pytest
 
 from schemas.outputs import Anomaly, Contribution, SensorWindow, encode
 from twinflow.detection import (
+    DAY_MS,
+    WEEK_MS,
+    DecisionRule,
     DetectorConfig,
     EntityDetector,
-    FeatureSmoother,
-    Kind,
+    Period,
+    Persistence,
     ScoreThreshold,
-    Standardizer,
-    ZScoreScorer,
+    Seasonality,
+    Smoother,
+    ZScores,
     feature_vector,
     split_feature,
 )
-from twinflow.detection.thresholds import DecisionRule, Persistence
 from twinflow.sim.faults import Category, FaultPlan
 from twinflow.sim.scenario import Scenario, ScenarioConfig
 from twinflow.twin_model import load_twin_model
@@ -25,11 +29,11 @@ from twinflow.twin_model import load_twin_model
 EXAMPLE = Path(__file__).resolve().parents[2] / "infra" / "twin-model" / "example-plant.yaml"
 SENSORS = ("flow", "discharge_pressure", "vibration_rms")
 LEVELS = {"flow": 180.0, "discharge_pressure": 9.0, "vibration_rms": 2.2}
+MINUTE = 60_000
 
-# Unsmoothed, so that each window's verdict shows the rule itself; smoothing has its own tests.
-ZSCORE = DetectorConfig(warmup_windows=60, smoothing=1.0)
-HST = DetectorConfig(kind=Kind.HST, warmup_windows=120, hst_window=40, smoothing=1.0)
-CONFIGS = pytest.mark.parametrize("config", [ZSCORE, HST], ids=["zscore", "hst"])
+# Unsmoothed and without cycles, so that each window's verdict shows the rule itself;
+# smoothing and cycles have their own tests.
+PLAIN = DetectorConfig(warmup_windows=60, smoothing=(1.0,), min_count=10, periods=())
 
 
 def normal_windows(n: int, seed: int = 0) -> list[dict[str, float]]:
@@ -54,10 +58,10 @@ def shifted(x: dict[str, float], feature: str, by: float) -> dict[str, float]:
 Outcome = tuple[float, float | None, bool, bool, list[Contribution]]
 
 
-def run(detector: EntityDetector, windows: list[dict[str, float]]) -> list[Outcome]:
+def run(detector: EntityDetector, windows: list[dict[str, float]], start: int = 0) -> list[Outcome]:
     out = []
-    for x in windows:
-        d = detector.process(x)
+    for i, x in enumerate(windows):
+        d = detector.process(x, ts_ms=(start + i) * 10_000)
         out.append((d.score, d.threshold, d.is_anomaly, d.warming_up, d.contributions))
     return out
 
@@ -96,6 +100,11 @@ def test_feature_vector_keeps_the_sensor_and_leaves_absent_things_out() -> None:
 # determinism and pickling -----------------------------------------------------------
 
 
+CONFIGS = pytest.mark.parametrize(
+    "config", [PLAIN, DetectorConfig(warmup_windows=60)], ids=["plain", "default"]
+)
+
+
 @CONFIGS
 def test_same_input_gives_the_same_scores(config: DetectorConfig) -> None:
     windows = normal_windows(200) + [shifted(x, "flow.mean", 0.3) for x in normal_windows(10, 1)]
@@ -111,14 +120,17 @@ def test_a_pickle_round_trip_mid_stream_changes_nothing(config: DetectorConfig) 
     untouched = EntityDetector(config)
     run(untouched, windows[:150])
     restored = pickle.loads(pickle.dumps(untouched))
-    assert run(restored, windows[150:]) == run(untouched, windows[150:])
+    assert run(restored, windows[150:], 150) == run(untouched, windows[150:], 150)
     fresh = pickle.loads(pickle.dumps(EntityDetector(config)))  # before any window
     assert run(fresh, windows) == run(EntityDetector(config), windows)
 
 
-def test_a_new_detector_is_cheap_and_small() -> None:
-    detector = EntityDetector(HST)
-    assert len(pickle.dumps(detector)) < 2_000  # nothing built before the first window
+def test_a_new_detector_is_cheap_and_a_busy_one_stays_small() -> None:
+    assert len(pickle.dumps(EntityDetector())) < 1_500  # nothing built before the first window
+    detector = EntityDetector()
+    run(detector, normal_windows(500))
+    # Six features: two time scales, three regimes, 216 cycle bins each.
+    assert len(pickle.dumps(detector)) < 25_000
 
 
 # warm-up, learning, missing data ----------------------------------------------------
@@ -138,9 +150,8 @@ def test_the_warm_up_never_flags(config: DetectorConfig) -> None:
 
 
 def test_a_long_anomaly_stays_anomalous_because_it_is_not_learned() -> None:
-    config = ZSCORE
-    detector = EntityDetector(config)
-    run(detector, normal_windows(config.warmup_windows + 50))
+    detector = EntityDetector(PLAIN)
+    run(detector, normal_windows(PLAIN.warmup_windows + 50))
     fault = [shifted(x, "vibration_rms.mean", 0.6) for x in normal_windows(400, seed=3)]
     flags = [detector.process(x).is_anomaly for x in fault]
     assert not flags[0]  # persistence: the first exceedance is not yet an anomaly
@@ -150,11 +161,14 @@ def test_a_long_anomaly_stays_anomalous_because_it_is_not_learned() -> None:
 
 
 def test_a_learned_mean_does_not_move_during_an_anomaly() -> None:
-    detector = EntityDetector(ZSCORE)
+    detector = EntityDetector(PLAIN)
     run(detector, normal_windows(100))
-    before = detector.explain({"flow.mean": 0.0})[0].mean
+    column = detector.columns["flow.mean"]
+    scores = detector._scores
+    assert scores is not None
+    before = scores.means[0, column].copy()
     run(detector, [shifted(x, "flow.mean", 0.5) for x in normal_windows(100, seed=5)])
-    assert detector.explain({"flow.mean": 0.0})[0].mean == before
+    assert (scores.means[0, column] == before).all()
 
 
 @CONFIGS
@@ -174,50 +188,79 @@ def test_missing_features_are_skipped_not_zero(config: DetectorConfig) -> None:
     # An empty window says nothing and does not count.
     count = detector.windows
     empty = detector.process({})
-    assert (empty.score, empty.is_anomaly, detector.windows) == (0.0, False, count)
+    assert (empty.score, empty.is_anomaly, empty.scored, detector.windows) == (
+        0.0,
+        False,
+        False,
+        count,
+    )
+
+
+def test_a_feature_first_seen_late_is_learned_before_it_is_scored() -> None:
+    detector = EntityDetector(PLAIN)
+    run(detector, normal_windows(PLAIN.warmup_windows + 20))
+    newcomer = [{**x, "oil_temp.mean": 1000.0 + i % 2} for i, x in enumerate(normal_windows(40))]
+    detections = [detector.process(x) for x in newcomer]
+    assert not any(d.is_anomaly for d in detections)
+    assert detector.process({**normal_windows(1)[0], "oil_temp.mean": 1100.0}).score > 50
 
 
 def test_a_quiet_signal_does_not_alarm_on_noise() -> None:
-    detector = EntityDetector(ZSCORE)
+    detector = EntityDetector(PLAIN)
     quiet = {"flow.mean": 100.0, "flow.std": 0.0, "voltage.mean": 400.0, "voltage.std": 0.0}
     run(detector, [quiet] * 100)
     rng = np.random.default_rng(7)
     noisy = [{k: v + rng.normal(0, 1e-6) for k, v in quiet.items()} for _ in range(100)]
     assert not any(d.is_anomaly for d in map(detector.process, noisy))
-    assert detector.threshold == ZSCORE.threshold_floor
+    assert detector.threshold == PLAIN.floor
+
+
+def test_a_signal_flat_in_the_warm_up_learns_its_real_spread_later() -> None:
+    # The clip uses the floored deviation: a flat warm-up does not freeze the variance
+    # at zero, so a signal that starts moving is followed once it is within the gate.
+    detector = EntityDetector(replace(PLAIN, learn_gate=1e9))
+    run(detector, [{"a.mean": 20.0}] * PLAIN.warmup_windows)
+    rng = np.random.default_rng(3)
+    flags = [
+        detector.process({"a.mean": 20.0 + rng.normal(0, 0.01)}).is_anomaly for _ in range(3000)
+    ]
+    assert not any(flags[-500:])
 
 
 # explanations -----------------------------------------------------------------------
 
 
-def test_the_explanation_names_the_shifted_sensor() -> None:
-    config = ZSCORE
-    detector = EntityDetector(config)
-    run(detector, normal_windows(config.warmup_windows + 50, seed=8))
+def test_the_explanation_names_the_shifted_sensor_in_its_units() -> None:
+    detector = EntityDetector(PLAIN)
+    run(detector, normal_windows(PLAIN.warmup_windows + 50, seed=8))
     fault = [shifted(x, "discharge_pressure.mean", -0.25) for x in normal_windows(5, seed=9)]
     detection = [detector.process(x) for x in fault][-1]
     assert detection.is_anomaly
     top = detection.contributions[0]
     assert (top.sensor, top.feature) == ("discharge_pressure", "mean")
     assert top.value < top.expected_low < top.expected_high
+    assert 6 < top.expected_low < top.expected_high < 12  # around the pressure's level
     assert 0.5 < top.weight <= 1.0
-    assert len(detection.contributions) <= config.top
+    assert len(detection.contributions) <= PLAIN.top
     assert sum(c.weight for c in detection.contributions) <= 1.0 + 1e-9
 
 
-def test_the_trees_explanation_names_the_shifted_sensor_too() -> None:
-    # HST needs larger deviations than the z-scores to flag a window (see the
-    # benchmark); its explanation by occlusion still points at the right feature.
-    detector = EntityDetector(HST)
-    run(detector, normal_windows(HST.warmup_windows + 50, seed=8))
-    x = shifted(normal_windows(1, seed=9)[0], "discharge_pressure.mean", -0.25)
-    explanation = detector.explain(x)
-    assert explanation[0].feature == "discharge_pressure.mean"
-    assert explanation[0].share > 0.5
+def test_the_explanation_adds_the_daily_cycle_back() -> None:
+    detector = EntityDetector(DetectorConfig(warmup_windows=200, periods=(Period(DAY_MS, 24),)))
+    hour = DAY_MS // 24
+    rng = np.random.default_rng(0)
+    for t in range(0, 14 * DAY_MS, hour // 4):
+        level = 100.0 if 8 <= t % DAY_MS // hour < 18 else 20.0
+        detector.process({"load.mean": level + rng.normal(0, 1.0)}, ts_ms=t)
+    at_night = 14 * DAY_MS + 2 * hour
+    detections = [detector.process({"load.mean": 80.0}, ts_ms=at_night + i) for i in range(4)]
+    top = detections[-1].contributions[0]
+    assert detections[-1].is_anomaly
+    assert top.expected_low < 20.0 < top.expected_high < 60.0 < top.value  # the night's level
 
 
 def test_a_detection_becomes_an_anomaly_message() -> None:
-    detector = EntityDetector(ZSCORE)
+    detector = EntityDetector(PLAIN)
     run(detector, normal_windows(80))
     detection = [detector.process(shifted(x, "flow.mean", 0.4)) for x in normal_windows(2)][-1]
     anomaly = detection.to_anomaly(
@@ -236,7 +279,7 @@ def test_a_detection_becomes_an_anomaly_message() -> None:
         quiet.to_anomaly(entity_id="pump-001", window_start_ms=0, window_end_ms=1, msg_id="x")
 
 
-# building blocks --------------------------------------------------------------------
+# thresholds -------------------------------------------------------------------------
 
 
 def test_the_threshold_rule_and_persistence() -> None:
@@ -260,41 +303,236 @@ def test_the_threshold_rule_and_persistence() -> None:
     ]
 
 
+def test_the_threshold_tightens_with_normal_evidence_and_never_loosens() -> None:
+    rng = np.random.default_rng(1)
+    rule = DecisionRule(warmup=100, quantile=0.99, fence=1.0, refine_every=100)
+    for _ in range(100):  # a young model: wide scores
+        rule.decide(abs(rng.normal(0, 2.0)))
+    assert rule.threshold is not None
+    young = rule.threshold
+    for _ in range(3000):  # a settled one: narrower
+        rule.decide(abs(rng.normal(0, 1.0)))
+    settled = rule.threshold
+    assert settled < young
+    for _ in range(3000):  # a noisier stretch, or a slow fault under the threshold
+        rule.decide(abs(rng.normal(0, 1.0)) + 0.9 * settled)
+    assert rule.threshold <= settled
+    fixed = DecisionRule(warmup=100, quantile=0.99, fence=1.0)
+    for _ in range(100):
+        fixed.decide(abs(rng.normal(0, 2.0)))
+    before = fixed.threshold
+    for _ in range(1000):
+        fixed.decide(abs(rng.normal(0, 1.0)))
+    assert fixed.threshold == before
+
+
+def test_windows_of_an_active_alarm_do_not_refine_the_threshold() -> None:
+    def tightened(normal_context: bool) -> float:
+        rule = DecisionRule(warmup=100, refine_every=50)
+        rng = np.random.default_rng(2)
+        for _ in range(100):
+            rule.decide(abs(rng.normal(0, 2.0)))
+        for _ in range(3000):
+            rule.decide(abs(rng.normal(0, 0.5)), normal_context=normal_context)
+        assert rule.threshold is not None
+        return rule.threshold
+
+    assert tightened(True) < tightened(False)
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="persistence"):
         Persistence(3, 2)
     with pytest.raises(ValueError, match="calibration"):
         DecisionRule(warmup=10, calibrate_from=10)
-    with pytest.raises(ValueError, match="warmup_windows=140 leaves fewer than 30"):
-        DetectorConfig(kind=Kind.HST, warmup_windows=140)
+    with pytest.raises(ValueError, match="warmup_windows=50 leaves fewer than 30"):
+        DetectorConfig(warmup_windows=50)
     with pytest.raises(ValueError):
         DetectorConfig(quantile=1.5)
-    with pytest.raises(ValueError):
-        DetectorConfig(kind="isolation-forest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="smoothing weights"):
+        EntityDetector(DetectorConfig(smoothing=(0.0,))).process({"a.mean": 1.0})
+    with pytest.raises(ValueError, match="rebaseline_after"):
+        DetectorConfig(rebaseline_after=0)
+    with pytest.raises(ValueError, match="gain"):
+        Seasonality(gain=1.5)
 
 
-def test_the_standardizer_is_robust_to_a_single_outlier() -> None:
-    plain, robust = Standardizer(clip=1e9), Standardizer()
+# building blocks --------------------------------------------------------------------
+
+
+def test_the_moments_are_robust_to_a_single_outlier() -> None:
+    plain, robust = ZScores(1, clip=1e9, min_count=30), ZScores(1, min_count=30)
+    column = np.array([0])
     values = list(np.random.default_rng(1).normal(10.0, 1.0, 500))
     values[300] = 1e6
-    for v in values:
-        plain.learn_one({"x.mean": float(v)})
-        robust.learn_one({"x.mean": float(v)})
-    robust_mean, robust_std = robust.moments("x.mean") or (0.0, 0.0)
-    assert robust_mean == pytest.approx(10.0, abs=0.2) and robust_std == pytest.approx(1.0, abs=0.2)
-    assert (plain.moments("x.mean") or (0.0, 0.0))[1] > 1_000
+    for model in (plain, robust):
+        model.grow(column)
+        for v in values:
+            x = np.array([[v]])
+            z, std, regime = model.z(column, x)
+            model.learn(column, x, regime, gate=1e12, z=z, std=std, robust=True)
+    assert robust.means[0, 0, 0] == pytest.approx(10.0, abs=0.2)
+    assert math.sqrt(robust.var[0, 0]) == pytest.approx(1.0, abs=0.2)
+    assert math.sqrt(plain.var[0, 0]) > 1_000
 
 
-def test_the_zscore_scorer_is_a_river_anomaly_detector() -> None:
-    from river import anomaly, base
+def test_the_smoothing_weight_is_per_reading() -> None:
+    # A window of ten readings moves a feature as far as ten windows of one reading.
+    window_of_ten, ten_windows = Smoother((0.05,)), Smoother((0.05,))
+    column = np.array([0])
+    for smoother in (window_of_ten, ten_windows):
+        smoother.grow(1)
+        smoother.update(column, np.array([0.0]), None)
+    moved = window_of_ten.update(column, np.array([1.0]), np.array([10]))[0, 0]
+    for _ in range(10):
+        step = ten_windows.update(column, np.array([1.0]), None)[0, 0]
+    assert moved == pytest.approx(step) == pytest.approx(1 - 0.95**10)
 
-    scorer = ZScoreScorer()
-    assert isinstance(scorer, base.AnomalyDetector)
-    assert scorer.score_one({"flow.mean": 1.0}) == 0.0  # nothing learned yet
-    guarded = anomaly.QuantileFilter(ZScoreScorer(), q=0.95)  # River's own filter takes it
-    for x in normal_windows(50):
-        guarded.learn_one(x)  # type: ignore[no-untyped-call]
-    assert guarded.score_one(shifted(normal_windows(1)[0], "flow.mean", 1.0)) > 5
+
+def noisy_windows(n: int, shift_from: int, shift: float, seed: int) -> list[dict[str, float]]:
+    """Two independent N(0, 1) features; ``a.mean`` moves by ``shift`` from ``shift_from``."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"a.mean": rng.normal(shift if i >= shift_from else 0.0, 1.0), "b.mean": rng.normal()}
+        for i in range(n)
+    ]
+
+
+def test_the_slow_scale_finds_a_shift_smaller_than_the_noise() -> None:
+    windows = noisy_windows(700, shift_from=400, shift=1.0, seed=12)
+    found = {}
+    for smoothing in ((1.0,), (0.3, 0.05)):
+        config = DetectorConfig(warmup_windows=300, smoothing=smoothing, periods=())
+        detector = EntityDetector(config)
+        flags = [detector.process(x).is_anomaly for x in windows]
+        found[smoothing] = (sum(flags[:400]), sum(flags[400:]))
+    assert found[0.3, 0.05][0] == 0  # no false alarm before the shift
+    assert found[0.3, 0.05][1] > 200  # most of the shifted windows
+    assert found[(1.0,)][1] < 30  # a 1-sigma shift is lost in the noise of single windows
+
+
+def test_the_fast_scale_sees_a_spike_the_slow_one_smooths_away() -> None:
+    rng = np.random.default_rng(5)
+    windows = [{"a.mean": rng.normal()} for _ in range(600)]
+    windows[500] = {"a.mean": 12.0}  # one reading at 12 sigma
+    margin = {}
+    for smoothing in ((0.05,), (0.3, 0.05)):
+        config = DetectorConfig(warmup_windows=300, smoothing=smoothing, periods=())
+        detector = EntityDetector(config)
+        detections = [detector.process(x) for x in windows]
+        assert not any(d.is_anomaly for d in detections[300:500])
+        assert detector.threshold is not None
+        margin[smoothing] = detections[500].score / detector.threshold
+    assert margin[0.3, 0.05] > 2.0  # plain on the fast scale
+    assert margin[(0.05,)] < 1.3  # barely over the threshold on the slow one
+
+
+def test_slow_drift_of_one_feature_is_followed_not_alarmed_for_ever() -> None:
+    # Each feature learns on its own while it is within the learn gate: a slowly drifting
+    # signal keeps being learned. (A gate on the whole window stops all learning once the
+    # drift first crosses it, and every later window is an anomaly.)
+    rng = np.random.default_rng(13)
+    detector = EntityDetector(DetectorConfig(warmup_windows=300, periods=()))
+    flags = []
+    for i in range(4000):
+        x = {"a.mean": rng.normal(0.005 * i, 1.0), "b.mean": rng.normal()}
+        flags.append(detector.process(x).is_anomaly)
+    assert sum(flags[300:]) < 0.05 * len(flags[300:])
+    assert not any(flags[-500:])
+
+
+# operating points -------------------------------------------------------------------
+
+
+def test_a_rebaselined_level_is_normal_and_so_is_the_old_one() -> None:
+    detector = EntityDetector(PLAIN)
+    run(detector, normal_windows(PLAIN.warmup_windows + 50))
+    new_level = [shifted(x, "flow.mean", 0.4) for x in normal_windows(20, seed=1)]
+    assert [detector.process(x).is_anomaly for x in new_level][-1]
+    detector.rebaseline()
+    accepted = [shifted(x, "flow.mean", 0.4) for x in normal_windows(50, seed=3)]
+    assert not any(detector.process(x).is_anomaly for x in accepted)
+    assert not any(detector.process(x).is_anomaly for x in normal_windows(50, seed=4))
+    elsewhere = [shifted(x, "flow.mean", -0.4) for x in normal_windows(5, seed=5)]
+    assert [detector.process(x).is_anomaly for x in elsewhere][-1]
+
+
+def test_the_least_recently_used_operating_point_makes_room() -> None:
+    model = ZScores(1, regimes=2, min_count=1)
+    column = np.array([0])
+    model.grow(column)
+    for v in (0.0, 1.0, 0.0, 1.0):
+        model.learn(column, np.array([[v]]), 0)
+    assert model.add_regime(column, np.array([[10.0]]), at=5) == 1
+    model.z(column, np.array([[0.2]]), at=6)  # regime 0 used last
+    assert model.add_regime(column, np.array([[20.0]]), at=7) == 1  # replaces regime 1
+    assert sorted(model.means[:, 0, 0].tolist()) == pytest.approx([0.5, 20.0])
+
+
+# cycles -----------------------------------------------------------------------------
+
+
+def shifts(
+    days: int, step_ms: int, seed: int, skip_day: int | None = None
+) -> list[tuple[int, float]]:
+    """A day shift from 06:00 to 22:00 at 80, else 20, with noise; optionally one day off."""
+    rng = np.random.default_rng(seed)
+    hour = DAY_MS // 24
+    series = []
+    for t in range(0, days * DAY_MS, step_ms):
+        working = 6 <= t % DAY_MS // hour < 22 and t // DAY_MS != skip_day
+        series.append((t, (80.0 if working else 20.0) + rng.normal(0, 2.0)))
+    return series
+
+
+def test_a_daily_cycle_is_not_an_anomaly_but_a_missing_shift_is() -> None:
+    step = 5 * MINUTE
+    config = DetectorConfig(warmup_windows=600)
+    normal = EntityDetector(config)
+    flags = [normal.process({"load.mean": v}, ts_ms=t).is_anomaly for t, v in shifts(14, step, 1)]
+    assert not any(flags[config.warmup_windows :])
+    skipped = EntityDetector(config)
+    series = shifts(14, step, 1, skip_day=10)
+    flags = [skipped.process({"load.mean": v}, ts_ms=t).is_anomaly for t, v in series]
+    day = [f for (t, _), f in zip(series, flags, strict=True) if t // DAY_MS == 10]
+    assert any(day)
+    without_cycles = EntityDetector(replace(config, periods=()))
+    flags = [without_cycles.process({"load.mean": v}, ts_ms=t).is_anomaly for t, v in series]
+    assert not any(f for (t, _), f in zip(series, flags, strict=True) if t // DAY_MS == 10)
+
+
+def test_the_cycle_is_chosen_by_what_it_explains() -> None:
+    hour = DAY_MS // 24
+    rng = np.random.default_rng(3)
+    season = Seasonality((Period(DAY_MS, 24), Period(WEEK_MS, 168)))
+    season.grow(3)
+    walk = 0.0
+    for t in range(0, 28 * DAY_MS, hour // 2):
+        weekend = t // DAY_MS % 7 >= 5
+        daily = 50.0 if 8 <= t % DAY_MS // hour < 18 else 0.0
+        walk += rng.normal(0, 1.0)
+        values = np.array(
+            [
+                daily + rng.normal(0, 1.0),  # the same every day
+                (0.0 if weekend else daily) + rng.normal(0, 1.0),  # idle at weekends
+                walk,  # wanders, no cycle
+            ]
+        )
+        season.apply(slice(None), values, t)
+    assert season.selected.tolist() == [0, 1, -1]
+
+
+def test_cycles_need_two_visits_of_a_bin_before_they_are_used() -> None:
+    season = Seasonality((Period(DAY_MS, 24),))
+    season.grow(1)
+    hour = DAY_MS // 24
+    used = []
+    for t in range(0, 3 * DAY_MS, hour // 2):
+        value = 50.0 if t % DAY_MS // hour < 12 else 0.0
+        _, removed = season.apply(slice(None), np.array([value]), t)
+        used.append((t // DAY_MS, bool(removed[0] != 0)))
+    assert not any(flag for day, flag in used if day < 2)
+    assert any(flag for day, flag in used if day == 2)
 
 
 # on the simulator -------------------------------------------------------------------
@@ -331,7 +569,7 @@ def test_process_faults_of_the_simulator_are_found_and_explained() -> None:
         detector = EntityDetector()
         flagged = []
         for start, by_sensor in windows:
-            detection = detector.process_window(by_sensor)
+            detection = detector.process_window(by_sensor, start)
             if detection.is_anomaly:
                 flagged.append((start, detection.contributions[0].sensor))
         inside = [
@@ -343,52 +581,3 @@ def test_process_faults_of_the_simulator_are_found_and_explained() -> None:
         assert len(inside) >= 0.5 * len(flagged)
         assert inside[0][1] in plausible
         assert all(start >= fault.start_ms - 10 * WINDOW_MS for start, _ in flagged)
-
-
-# smoothing and per-feature learning -------------------------------------------------
-
-
-def noisy_windows(n: int, shift_from: int, shift: float, seed: int) -> list[dict[str, float]]:
-    """Two independent N(0, 1) features; ``a.mean`` moves by ``shift`` from ``shift_from``."""
-    rng = np.random.default_rng(seed)
-    return [
-        {"a.mean": rng.normal(shift if i >= shift_from else 0.0, 1.0), "b.mean": rng.normal()}
-        for i in range(n)
-    ]
-
-
-def test_smoothing_finds_a_shift_smaller_than_the_noise() -> None:
-    windows = noisy_windows(700, shift_from=400, shift=1.0, seed=12)
-    found = {}
-    for smoothing in (1.0, 0.05):
-        detector = EntityDetector(DetectorConfig(warmup_windows=300, smoothing=smoothing))
-        flags = [detector.process(x).is_anomaly for x in windows]
-        found[smoothing] = (sum(flags[:400]), sum(flags[400:]))
-    assert found[0.05][0] == 0  # no false alarm before the shift
-    assert found[0.05][1] > 200  # most of the shifted windows
-    assert found[1.0][1] < 30  # a 1-sigma shift is lost in the noise of single windows
-
-
-def test_the_smoothing_weight_is_per_reading() -> None:
-    # A window of ten readings moves a feature as far as ten windows of one reading.
-    window_of_ten, ten_windows = FeatureSmoother(0.05), FeatureSmoother(0.05)
-    for smoother in (window_of_ten, ten_windows):
-        smoother.update({"a.mean": 0.0})
-    moved = window_of_ten.update({"a.mean": 1.0}, readings={"a": 10})["a.mean"]
-    for _ in range(10):
-        step = ten_windows.update({"a.mean": 1.0})["a.mean"]
-    assert moved == pytest.approx(step) == pytest.approx(1 - 0.95**10)
-
-
-def test_slow_drift_of_one_feature_is_followed_not_alarmed_for_ever() -> None:
-    # Each feature learns on its own while it is within the learn gate: a slowly drifting
-    # signal keeps being learned. (A gate on the whole window stops all learning once the
-    # drift first crosses it, and every later window is an anomaly.)
-    rng = np.random.default_rng(13)
-    detector = EntityDetector(DetectorConfig(warmup_windows=300))
-    flags = []
-    for i in range(4000):
-        x = {"a.mean": rng.normal(0.005 * i, 1.0), "b.mean": rng.normal()}
-        flags.append(detector.process(x).is_anomaly)
-    assert sum(flags[300:]) < 0.05 * len(flags[300:])
-    assert not any(flags[-500:])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import clean_env, twinflow_cli
-from twinflow.detection import DetectorConfig, Kind
+from twinflow.detection import DetectorConfig
 from twinflow.replay import ReplayError, ReplayOptions, replay_csv, replay_file
 
 WARMUP = 200
@@ -73,9 +73,60 @@ def test_the_warm_up_never_flags_and_a_clear_shift_is_found(tmp_path: Path) -> N
 
 def test_the_same_input_gives_the_same_output(tmp_path: Path) -> None:
     path = write(tmp_path / "in.csv", signal_rows())
-    for kind in Kind:
-        options = {**LABELLED, "detector": DetectorConfig(kind=kind, seed=5)}
+    for config in (DetectorConfig(), DetectorConfig(periods=(), smoothing=(0.05,))):
+        options = {**LABELLED, "detector": config}
         assert replay(path, **options) == replay(path, **options)
+
+
+def test_one_alarm_is_raised_per_incident_and_its_rows_are_marked(tmp_path: Path) -> None:
+    rows = signal_rows(n=700, shift_from=300)
+    for i in range(450, 700):  # the flow comes back at row 450
+        rows[i][1] = rows[i - 400][1]
+    out = replay(write(tmp_path / "in.csv", rows), **LABELLED)
+    raised = [i for i, r in enumerate(out) if r["alarm_raised"] == "1"]
+    inside = [i for i, r in enumerate(out) if r["is_anomaly"] == "1"]
+    assert len(raised) == 1 and 300 <= raised[0] < 320  # one incident, one alarm
+    assert inside[0] == raised[0]  # in alarm from the row that raised it
+    assert inside == list(range(inside[0], inside[-1] + 1))  # one span: no flapping
+    assert 450 <= inside[-1] < 450 + 60  # cleared soon after the flow came back
+    assert all(r["alarm_raised"] == "0" for r in out[:WARMUP])
+
+
+def test_a_lasting_new_level_is_rebaselined(tmp_path: Path) -> None:
+    rows = signal_rows(n=1200, shift_from=300)
+    out = replay(write(tmp_path / "in.csv", rows), **LABELLED)
+    inside = [i for i, r in enumerate(out) if r["is_anomaly"] == "1"]
+    assert inside and inside[-1] - inside[0] + 1 <= WARMUP  # ended after one warm-up
+    assert sum(r["alarm_raised"] == "1" for r in out) == 1  # the new level is normal now
+
+
+def test_dates_in_the_time_column_place_windows_in_their_day(tmp_path: Path) -> None:
+    # A daily shift pattern: busy by day, quiet at night, 15-minute rows for 14 days,
+    # then a day without the shift.
+    hour = 4
+    rows = []
+    rng = np.random.default_rng(1)
+    for i in range(15 * 24 * hour):
+        day, hour_of_day = divmod(i // hour, 24)
+        busy = 8 <= hour_of_day < 18 and day != 14
+        stamp = f"2026-03-{1 + day:02d} {hour_of_day:02d}:{i % hour * 15:02d}:00"
+        rows.append([stamp, f"{(90.0 if busy else 20.0) + rng.normal(0, 1.0):.3f}"])
+    path = write(tmp_path / "days.csv", rows, header="time;load")
+    dated = replay(path, warmup_rows=400)
+    assert not any(r["alarm_raised"] == "1" for r in dated[400 : 14 * 24 * hour])
+    assert any(r["alarm_raised"] == "1" for r in dated[14 * 24 * hour :])
+    numbered = [[str(i), value] for i, (_, value) in enumerate(rows)]
+    counted = replay(write(tmp_path / "rows.csv", numbered, header="time;load"), warmup_rows=400)
+    # Row numbers are no clock: no cycle is learned, and a quiet day looks like a night.
+    assert not any(r["alarm_raised"] == "1" for r in counted[14 * 24 * hour :])
+    assert [r["timestamp"] for r in counted] == [str(i) for i in range(len(rows))]
+
+
+def test_a_time_column_that_stops_being_dates_is_refused(tmp_path: Path) -> None:
+    rows = signal_rows(n=260)
+    rows[100][0] = "soon"
+    with pytest.raises(ReplayError, match="line 102, column 'time': 'soon' is not a date"):
+        replay(write(tmp_path / "in.csv", rows), **LABELLED)
 
 
 def test_excluded_columns_never_reach_the_model(tmp_path: Path) -> None:

@@ -88,13 +88,13 @@ def test_secrets_are_masked_when_printed(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_detection_defaults_are_the_detectors_own(monkeypatch: pytest.MonkeyPatch) -> None:
     from twinflow.detection import DetectorConfig
 
-    for name in ("TWINFLOW_DETECTION__CLEAR_WINDOWS", "TWINFLOW_DETECTION__REBASELINE_WINDOWS"):
+    for name in ("TWINFLOW_DETECTION__CLEAR_WINDOWS", "TWINFLOW_DETECTION__REBASELINE_AFTER"):
         monkeypatch.delenv(name, raising=False)
     detection = load_settings().detection
     assert detection.detector_config() == DetectorConfig()
     assert detection.effective() == {
         "clear_windows": DetectorConfig().clear_windows,
-        "rebaseline_windows": DetectorConfig().rebaseline_windows,
+        "rebaseline_after": DetectorConfig().rebaseline_after,
     }
     assert load_settings().masked()["detection"] == detection.effective()
 
@@ -103,10 +103,13 @@ def test_detection_settings_reach_the_detector_and_none_means_never(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TWINFLOW_DETECTION__CLEAR_WINDOWS", "5")
-    monkeypatch.setenv("TWINFLOW_DETECTION__REBASELINE_WINDOWS", "none")
-    config = load_settings().detection.detector_config(seed=9)
-    assert (config.clear_windows, config.rebaseline_windows, config.seed) == (5, None, 9)
+    monkeypatch.setenv("TWINFLOW_DETECTION__REBASELINE_AFTER", "none")
+    config = load_settings().detection.detector_config(warmup_windows=90)
+    assert (config.clear_windows, config.rebaseline_after, config.warmup_windows) == (5, None, 90)
     assert config.alarm_policy.rebaseline_windows is None
+    monkeypatch.setenv("TWINFLOW_DETECTION__REBASELINE_AFTER", "2.5")
+    config = load_settings().detection.detector_config(warmup_windows=90)
+    assert config.alarm_policy.rebaseline_windows == 225
 
 
 @pytest.mark.parametrize(
@@ -117,16 +120,20 @@ def test_detection_settings_reach_the_detector_and_none_means_never(
             r"detection\.clear_windows \(env TWINFLOW_DETECTION__CLEAR_WINDOWS\).*1",
         ),
         (
-            {"TWINFLOW_DETECTION__REBASELINE_WINDOWS": "soon"},
-            r"detection\.rebaseline_windows \(env TWINFLOW_DETECTION__REBASELINE_WINDOWS\)",
+            {"TWINFLOW_DETECTION__REBASELINE_AFTER": "soon"},
+            r"detection\.rebaseline_after \(env TWINFLOW_DETECTION__REBASELINE_AFTER\)",
+        ),
+        (
+            {"TWINFLOW_DETECTION__REBASELINE_AFTER": "0"},
+            r"detection\.rebaseline_after \(env TWINFLOW_DETECTION__REBASELINE_AFTER\)",
         ),
         (
             {
-                "TWINFLOW_DETECTION__CLEAR_WINDOWS": "8",
-                "TWINFLOW_DETECTION__REBASELINE_WINDOWS": "8",
+                "TWINFLOW_DETECTION__CLEAR_WINDOWS": "200",
+                "TWINFLOW_DETECTION__REBASELINE_AFTER": "1",
             },
-            r"rebaseline_windows \(8\) must exceed clear_windows \(8\).*"
-            r"TWINFLOW_DETECTION__CLEAR_WINDOWS.*TWINFLOW_DETECTION__REBASELINE_WINDOWS",
+            r"rebaseline_after=1.0 warm-ups is 180 windows, not more than clear_windows=200.*"
+            r"TWINFLOW_DETECTION__CLEAR_WINDOWS.*TWINFLOW_DETECTION__REBASELINE_AFTER",
         ),
     ],
 )

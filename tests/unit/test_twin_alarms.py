@@ -25,7 +25,9 @@ MODEL = load_twin_model(
 )
 START = 1_793_000_000_000
 WINDOW_MS = 10_000
-CONFIG = DetectorConfig(warmup_windows=60, smoothing=1.0)
+CONFIG = DetectorConfig(
+    warmup_windows=60, smoothing=(1.0,), min_count=10, periods=(), clear_windows=3
+)
 FAULT = range(80, 85)
 """Windows (by index from START) in which flow reads 140 l/s."""
 ALARM_ID = f"pump-001@{START + 81 * WINDOW_MS}"

@@ -95,6 +95,13 @@ class DetectorConfig:
             raise ValueError("need 0.5 < quantile < 1, fence >= 0 and 1 <= persist_k <= persist_n")
         if self.rebaseline_after is not None and self.rebaseline_after <= 0:
             raise ValueError(f"rebaseline_after must be positive, got {self.rebaseline_after}")
+        rebaseline = self.rebaseline_windows
+        if rebaseline is not None and rebaseline <= self.clear_windows:
+            raise ValueError(
+                f"rebaseline_after={self.rebaseline_after} warm-ups is {rebaseline} windows, "
+                f"not more than clear_windows={self.clear_windows}: no alarm could clear "
+                "before it is re-baselined"
+            )
         self.alarm_policy  # noqa: B018 (validates the alarm settings)
 
     @property
@@ -107,7 +114,7 @@ class DetectorConfig:
         """Windows an alarm may stay active before it is re-baselined."""
         if self.rebaseline_after is None:
             return None
-        return max(self.clear_windows + 1, math.ceil(self.rebaseline_after * self.warmup_windows))
+        return math.ceil(self.rebaseline_after * self.warmup_windows)
 
     @property
     def alarm_policy(self) -> AlarmPolicy:

@@ -6,12 +6,14 @@ level for each bin of a period (by default a day in 48 half-hour bins and a week
 hourly bins; the bin is the window's event time, in UTC) and subtracts the profile of the
 current bin before the feature is smoothed and scored.
 
-Whether a profile is used is measured, not assumed. Every feature tracks the squared
-error of forecasts of its next value, made before the value is learned: its level alone,
-and its level plus each period's profile. A profile is used when its error is under
-``gain`` times the level's (it explains at least half the variance, by default) and its
-current bin has been seen on ``min_visits`` earlier periods; the better period wins,
-and a period in use stays while it beats the level at all, so the choice does not flap.
+Whether a profile is used is measured, not assumed. Every feature tracks, per period,
+the squared error of two forecasts of its next value, made before the value is learned:
+the period's level alone, and its level plus the profile (both over the windows where
+the profile had a forecast). A profile is used when its error is under ``gain`` times
+the level's (it explains at least half the variance, by default) and its current bin
+has been seen on ``min_visits`` earlier periods; the period with the smaller error wins,
+and a period in use stays while it beats its level at all and no other is clearly
+better (``gain`` times its error), so the choice does not flap.
 The choice is made when the clock enters a new bin. Profiles are learned from earlier
 periods only: a bin's profile changes when the clock leaves the bin, so a slowly
 wandering signal cannot pass for a cycle by predicting its recent past (which any short
@@ -127,9 +129,9 @@ class Seasonality:
         self.level_n = np.zeros(0, dtype=np.int64)
         self.acc = np.zeros((count, 0))
         self.acc_n = np.zeros((count, 0), dtype=np.int64)
-        self.errors = np.zeros(0, dtype=np.int64)
-        self.err_level = np.zeros(0)
-        """Squared error of the level alone (the first period's level)."""
+        self.errors = np.zeros((count, 0), dtype=np.int64)
+        self.err_level = np.zeros((count, 0))
+        """Squared error of each period's level alone, where the period could forecast."""
         self.err_profile = np.zeros((count, 0))
         self.current = [-1] * count
         """Per period, the bin (index into the profiles' columns) the clock is in."""
@@ -189,8 +191,8 @@ class Seasonality:
         self.acc = np.hstack([self.acc, np.zeros((count, extra))])
         self.acc_n = np.hstack([self.acc_n, np.zeros((count, extra), np.int64)])
         self.err_profile = np.hstack([self.err_profile, np.zeros((count, extra))])
-        self.err_level = np.append(self.err_level, np.zeros(extra))
-        self.errors = np.append(self.errors, np.zeros(extra, np.int64))
+        self.err_level = np.hstack([self.err_level, np.zeros((count, extra))])
+        self.errors = np.hstack([self.errors, np.zeros((count, extra), np.int64)])
         self.level_n = np.append(self.level_n, np.zeros(extra, np.int64))
         self.selected = np.append(self.selected, np.full(extra, -1, np.int64))
 
@@ -219,35 +221,37 @@ class Seasonality:
         forecast: Floats,
         known: npt.NDArray[np.bool_],
     ) -> None:
-        """Learn how well the level alone, and each period's profile, forecast ``values``.
+        """Learn how well each period's level alone, and with its profile, forecast ``values``.
 
-        All forecasts are judged on the same windows: where a period's bin has no profile
-        yet, its forecast is its level alone.
+        Each period is judged where its profile has a forecast for the bin, both of its
+        forecasts on the same windows.
         """
-        ready = self.level_n[columns] >= 2
-        if not ready.any():
+        scoring = known & (self.level_n[columns] >= 2)
+        if not scoring.any():
             return
-        errors = self.errors[columns] + ready
-        self.errors[columns] = errors
-        weight = ready * np.maximum(1.0 / np.maximum(errors, 1), 1.0 / _ERROR_MEMORY)
+        errors = self.errors[:, columns] + scoring
+        self.errors[:, columns] = errors
+        weight = scoring * np.maximum(1.0 / np.maximum(errors, 1), 1.0 / _ERROR_MEMORY)
         level_error = values - level
-        plain = level_error[0] * level_error[0]
-        self.err_level[columns] += weight * (plain - self.err_level[columns])
-        profile_error = np.where(known, level_error - forecast, level_error)
+        profile_error = level_error - forecast
+        current = self.err_level[:, columns]
+        self.err_level[:, columns] = current + weight * (level_error * level_error - current)
         current = self.err_profile[:, columns]
         self.err_profile[:, columns] = current + weight * (profile_error * profile_error - current)
 
     def _choose(self, columns: Index, usable: npt.NDArray[np.bool_]) -> None:
         error = np.where(usable, self.err_profile[:, columns], np.inf)
+        # What each period leaves of its level's error, on the windows it could forecast.
+        share = error / np.maximum(self.err_level[:, columns], 1e-300)
         best = error.argmin(axis=0)
         features = np.arange(error.shape[1])
         best_error = error[best, features]
-        level_error = self.err_level[columns]
         current = self.selected[columns]
-        current_error = np.where(current >= 0, error[np.maximum(current, 0), features], np.inf)
-        stay = (current_error < level_error) & (current_error * self.gain < best_error)
-        switch = best_error < self.gain * level_error
-        chosen = np.where(stay, current, np.where(switch, best, -1))
+        held = np.maximum(current, 0)
+        current_error = np.where(current >= 0, error[held, features], np.inf)
+        stay = (share[held, features] < 1.0) & (current_error * self.gain < best_error)
+        switch = share[best, features] < self.gain
+        chosen = np.where((current >= 0) & stay, current, np.where(switch, best, -1))
         self.changed = np.arange(len(self.selected))[columns][chosen != current]
         self.selected[columns] = chosen
         self.in_use = bool((self.selected >= 0).any())

@@ -120,7 +120,8 @@ class ZScores:
         """The floored standard deviations of ``columns`` (features by scales)."""
         level = np.abs(self.means[0, self.level_of[columns], :])
         floor = np.maximum(self.abs_floor, self.rel_floor * level)
-        return np.sqrt(self.var[columns] + floor * floor)
+        std: Floats = np.sqrt(self.var[columns] + floor * floor)
+        return std
 
     def scored(self, columns: Index) -> npt.NDArray[np.bool_]:
         """Which (feature, scale) cells have enough values to be scored."""
@@ -198,5 +199,12 @@ class ZScores:
         return regime
 
     def relearn(self, columns: Index) -> None:
-        """Let ``columns`` adapt quickly again (their inputs changed meaning)."""
+        """Let ``columns`` adapt quickly again (their inputs changed meaning).
+
+        Their counts drop to ``min_count``: they stay scored (against statistics that are
+        wider than the new inputs, so conservatively) and learn with weight ~1/min_count
+        at first. Starting them from nothing instead left them unscored for a while and
+        then stricter than the threshold calibrated before (NAB standard 56.8, against
+        62.4).
+        """
         self.count[columns] = np.minimum(self.count[columns], self.min_count)
