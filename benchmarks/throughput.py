@@ -469,7 +469,7 @@ class Bench:
 
     def _drop(self, prefix: str) -> None:
         tables = ("readings", "readings_live", "sensor_windows", "twin_state", "anomalies")
-        for table in (*tables, "deadletters"):
+        for table in (*tables, "alarms", "deadletters"):
             with contextlib.suppress(QuestDBError):
                 self.sql.exec(f"DROP TABLE IF EXISTS '{prefix}{table}'")
 
@@ -539,6 +539,7 @@ def twinflow_env(
         TWINFLOW_TOPICS__STATE=f"bench.state.{prefix}",
         TWINFLOW_TOPICS__ANOMALIES=f"bench.anomalies.{prefix}",
         TWINFLOW_TOPICS__LATE=f"bench.late.{prefix}",
+        TWINFLOW_TOPICS__ALARMS=f"bench.alarms.{prefix}",
         TWINFLOW_TOPICS__RAW_PARTITIONS=str(partitions),
         TWINFLOW_QUESTDB__TABLE_PREFIX=prefix,
         TWINFLOW_FLOW__RECOVERY_DIR=str(recovery_dir),
