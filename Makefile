@@ -8,7 +8,7 @@ help:
 	@echo "make demo   - install everything, start Kafka, QuestDB and Mosquitto, run the demo"
 	@echo "make test   - install everything, then lint, type-check and run all tests"
 	@echo "make up | down | status - manage the local services"
-	@echo "make evaluate - detection quality on SKAB's labeled pump data (no services needed)"
+	@echo "make evaluate - detection quality of the default detector on NAB, SKAB and the simulator (no services)"
 	@echo "make chaos  - every fault and security recipe (about 13 min), then the chaos table"
 
 venv:
@@ -45,4 +45,4 @@ chaos: setup
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing" >&2; exit 1; fi; exit $$rc
 
 evaluate: venv
-	@$(VENV)/python -m benchmarks.skab_evaluation
+	@$(VENV)/python -m benchmarks.evaluate
