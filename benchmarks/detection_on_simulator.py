@@ -67,7 +67,6 @@ CONFIGS: dict[str, DetectorConfig] = {
     "smoothing=(0.05,) (one slow scale)": DetectorConfig(smoothing=(0.05,)),
     "regimes=1 (one operating point)": DetectorConfig(regimes=1),
     "fence=2.0": DetectorConfig(fence=2.0),
-    "refine_threshold=False": DetectorConfig(refine_threshold=False),
     "rebaseline_after=None (never)": DetectorConfig(rebaseline_after=None),
 }
 """The default and its neighbours, each differing from it in the named setting only."""

@@ -56,7 +56,6 @@ CONFIGS: dict[str, DetectorConfig] = {
     "no daily or weekly cycles": DetectorConfig(periods=()),
     "one operating point": DetectorConfig(regimes=1),
     "fence 2": DetectorConfig(fence=2.0),
-    "threshold fixed after the warm-up": DetectorConfig(refine_threshold=False),
     "no re-baselining": DetectorConfig(rebaseline_after=None),
     "clear after 3 windows": DetectorConfig(clear_windows=3),
 }

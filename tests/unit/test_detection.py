@@ -303,43 +303,6 @@ def test_the_threshold_rule_and_persistence() -> None:
     ]
 
 
-def test_the_threshold_tightens_with_normal_evidence_and_never_loosens() -> None:
-    rng = np.random.default_rng(1)
-    rule = DecisionRule(warmup=100, quantile=0.99, fence=1.0, refine_every=100)
-    for _ in range(100):  # a young model: wide scores
-        rule.decide(abs(rng.normal(0, 2.0)))
-    assert rule.threshold is not None
-    young = rule.threshold
-    for _ in range(3000):  # a settled one: narrower
-        rule.decide(abs(rng.normal(0, 1.0)))
-    settled = rule.threshold
-    assert settled < young
-    for _ in range(3000):  # a noisier stretch, or a slow fault under the threshold
-        rule.decide(abs(rng.normal(0, 1.0)) + 0.9 * settled)
-    assert rule.threshold <= settled
-    fixed = DecisionRule(warmup=100, quantile=0.99, fence=1.0)
-    for _ in range(100):
-        fixed.decide(abs(rng.normal(0, 2.0)))
-    before = fixed.threshold
-    for _ in range(1000):
-        fixed.decide(abs(rng.normal(0, 1.0)))
-    assert fixed.threshold == before
-
-
-def test_windows_of_an_active_alarm_do_not_refine_the_threshold() -> None:
-    def tightened(normal_context: bool) -> float:
-        rule = DecisionRule(warmup=100, refine_every=50)
-        rng = np.random.default_rng(2)
-        for _ in range(100):
-            rule.decide(abs(rng.normal(0, 2.0)))
-        for _ in range(3000):
-            rule.decide(abs(rng.normal(0, 0.5)), normal_context=normal_context)
-        assert rule.threshold is not None
-        return rule.threshold
-
-    assert tightened(True) < tightened(False)
-
-
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="persistence"):
         Persistence(3, 2)

@@ -49,7 +49,7 @@ class EntityMonitor:
         self, windows: Mapping[str, SensorWindow], start_ms: int, end_ms: int
     ) -> Verdict:
         """Judge one closed window of the entity (its sensors' features)."""
-        detection = self.detector.process_window(windows, start_ms, in_alarm=self.in_alarm)
+        detection = self.detector.process_window(windows, start_ms)
         return self._judge(detection, start_ms, end_ms)
 
     def process(
@@ -60,7 +60,7 @@ class EntityMonitor:
         readings: Mapping[str, int] | None = None,
     ) -> Verdict:
         """Judge one window given as a feature dict (see ``EntityDetector.process``)."""
-        detection = self.detector.process(x, readings, start_ms, in_alarm=self.in_alarm)
+        detection = self.detector.process(x, readings, start_ms)
         return self._judge(detection, start_ms, end_ms)
 
     @property
