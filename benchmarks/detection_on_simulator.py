@@ -37,7 +37,6 @@ per seed (``--jobs``, default: the CPU count). Writes ``detection.json`` and
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import pickle
@@ -48,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import plain
+from benchmarks.results import plain, write_results
 from benchmarks.simulator_windows import START_MS, WINDOW_MS, EntityWindowsList, build_windows
 from schemas.outputs import AlarmEvent
 from twinflow.detection import DetectorConfig, EntityMonitor
@@ -425,13 +424,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = report(results)
     print()
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "detection.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "detection.md").write_text(text)
-    print(
-        f"wrote {args.out / 'detection.json'} and {args.out / 'detection.md'} "
-        f"in {results['elapsed_s']} s"
-    )
+    data, markdown = write_results(args.out, "detection", results, text)
+    print(f"wrote {data} and {markdown} in {results['elapsed_s']} s")
 
 
 if __name__ == "__main__":

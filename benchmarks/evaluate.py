@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import detection_on_simulator, nab_evaluation
-from benchmarks.results import plain
+from benchmarks.results import plain, write_results
 from twinflow.detection import DetectorConfig
 from twinflow.replay import ReplayOptions
 
@@ -170,9 +170,7 @@ def run_nab(data: Path, out: Path, plots: bool) -> dict[str, Any]:
     results = nab_evaluation.evaluate(data, out, plots=plots)
     if results is None:
         return {"skipped": f"no NAB files (data/<group>/<file>.csv) under {data}"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "nab.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "nab.md").write_text(nab_evaluation.report(results))
+    write_results(out, "nab", results, nab_evaluation.report(results))
     rows_total = sum(entry["rows"] for entry in results["per_file"])
     busiest = results["largest_in_alarm_share"]
     return {
@@ -235,9 +233,7 @@ def run_simulator(out: Path, jobs: int | None) -> dict[str, Any]:
     """The simulator's figures for the table: default detector, default seeds."""
     sim = detection_on_simulator
     results = sim.evaluate({sim.DEFAULT_NAME: DetectorConfig()}, jobs=jobs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detection.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "detection.md").write_text(sim.report(results))
+    write_results(out, "detection", results, sim.report(results))
     figures = results["configs"][sim.DEFAULT_NAME]["result"]
     pickled = figures["monitor_pickle_bytes"]["max"]
     return {
@@ -306,8 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(results, seconds)
     print()
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "evaluate.md").write_text(text)
     document = {
         "benchmark": "evaluate",
         "detector": plain(asdict(DetectorConfig())),
@@ -318,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "seconds": seconds,
     }
-    (args.out / "evaluate.json").write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {args.out / 'evaluate.md'} and {args.out / 'evaluate.json'}", flush=True)
+    data, markdown = write_results(args.out, "evaluate", document, text)
+    print(f"wrote {markdown} and {data}", flush=True)
     return 1 if any("error" in figures for figures in results.values()) else 0
 
 

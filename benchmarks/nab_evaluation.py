@@ -44,7 +44,7 @@ from benchmarks.nab_scoring import (
     probationary_rows,
     score_file,
 )
-from benchmarks.results import plain
+from benchmarks.results import plain, write_results
 from twinflow.detection import DetectorConfig
 from twinflow.replay import ReplayOptions, replay_file
 
@@ -416,11 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nab.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "nab.md").write_text(report(results))
-    print(report(results))
-    print(f"wrote {args.out / 'nab.json'}, {args.out / 'nab.md'} and plots/", flush=True)
+    text = report(results)
+    print(text)
+    data, markdown = write_results(args.out, "nab", results, text)
+    print(f"wrote {data}, {markdown} and plots/", flush=True)
     return 0
 
 

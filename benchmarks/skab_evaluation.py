@@ -30,7 +30,6 @@ Writes ``skab.json``, ``skab.md`` and, for the default configuration, one PNG pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.results import plain
+from benchmarks.results import plain, write_results
 from twinflow.detection import DetectorConfig
 from twinflow.replay import ReplayOptions, replay_file
 
@@ -391,11 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "skab.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "skab.md").write_text(report(results))
-    print(report(results))
-    print(f"wrote {args.out / 'skab.json'}, {args.out / 'skab.md'} and plots/", flush=True)
+    text = report(results)
+    print(text)
+    data, markdown = write_results(args.out, "skab", results, text)
+    print(f"wrote {data}, {markdown} and plots/", flush=True)
     return 0
 
 
