@@ -27,6 +27,7 @@ from twinflow.metrics import serving
 from twinflow.settings import Settings
 from twinflow.tables import tables
 from twinflow.topics import ingest_topics, output_topics
+from twinflow.twin import IncompatibleSnapshotError
 from twinflow.twin_model import TwinModel
 
 log = logging.getLogger("twinflow.run")
@@ -97,6 +98,8 @@ def run_flow(
                 epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
                 recovery_config=recovery,
             )
+        except IncompatibleSnapshotError as exc:
+            raise TwinflowError(f"the recovery store {_store(settings)}: {exc}") from None
         except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
             raise TwinflowError(
                 f"the recovery store {_store(settings)} is damaged ({exc}). Restore it from "

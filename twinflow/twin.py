@@ -50,6 +50,7 @@ from schemas.outputs import (
 from schemas.raw import Reason, SchemaError, decode_raw
 from twinflow.cleaning import SeriesCleaning, batch_parameters
 from twinflow.detection import DetectorConfig, EntityMonitor
+from twinflow.errors import TwinflowError
 from twinflow.settings import FlowSettings
 from twinflow.state import StatusMachine
 from twinflow.twin_model import SensorSpec, TwinModel
@@ -221,16 +222,6 @@ class EntityTwin:
     last_seen_live_ms: int = 0
     """Live time (see :class:`PartitionTwins`) of its last message."""
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A snapshot from before alarms held the bare detector: keep its learning and
-        # start the alarm lifecycle with no alarm active.
-        detector = state.pop("detector", None)
-        if detector is not None and "monitor" not in state:
-            monitor = EntityMonitor(state["entity_id"], detector.config)
-            monitor.detector = detector
-            state["monitor"] = monitor
-        self.__dict__.update(state)
-
 
 @dataclass
 class _Series:
@@ -286,10 +277,20 @@ class _Decoded:
     """Readings (by position) given in another unit than the canonical one."""
 
 
+STATE_VERSION = 2
+"""The layout of a :class:`PartitionTwins` snapshot. 2: the detector with time scales,
+cycles, operating points and alarms; 1 (no version recorded): the single-scale one."""
+
+
+class IncompatibleSnapshotError(TwinflowError):
+    """A recovery snapshot holds state of another layout than this twinflow's."""
+
+
 class PartitionTwins:
     """The state of one partition's step: picklable, so recovery can snapshot it."""
 
     def __init__(self, model: TwinModel, flow: FlowSettings, detector: DetectorConfig) -> None:
+        self.state_version = STATE_VERSION
         self.model = model
         self.flow = flow
         self.detector_config = detector
@@ -304,6 +305,16 @@ class PartitionTwins:
         self._last_step_wall_ms: int | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        version = state.get("state_version", 1)
+        if version != STATE_VERSION:
+            # Older models cannot be carried over field by field; resuming them would
+            # fail later, in the middle of a window, with nothing to say why.
+            raise IncompatibleSnapshotError(
+                f"the recovery snapshot holds twin state of layout {version}, this twinflow "
+                f"keeps layout {STATE_VERSION} (its anomaly models changed). Move the "
+                "recovery store away to start over from the beginning of the topics "
+                "(outputs are idempotent, so reprocessing rewrites the same rows)."
+            )
         # The time the flow was down after this snapshot is nobody's silence.
         self.__dict__.update(state)
         self.__dict__.setdefault("_live_ms", 0)

@@ -17,7 +17,7 @@ import pytest
 from schemas.outputs import Alarm, AlarmEvent, Status, TwinState
 from twinflow.detection import DetectorConfig
 from twinflow.settings import FlowSettings, load_settings
-from twinflow.twin import EntityTwin, InputMessage, PartitionTwins, StepOutput
+from twinflow.twin import IncompatibleSnapshotError, InputMessage, PartitionTwins, StepOutput
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(
@@ -157,13 +157,9 @@ def test_a_silent_entity_goes_stale_still_naming_its_active_alarm() -> None:
     assert states[-1].active_alarms == [ALARM_ID]
 
 
-def test_a_twin_from_a_snapshot_before_alarms_keeps_its_detector() -> None:
+def test_a_snapshot_of_another_state_layout_is_refused_with_the_fix() -> None:
     twins, _out = _run(len(MESSAGES), MESSAGES[:700])
-    twin = twins.entities["pump-001"]
-    old = {name: value for name, value in vars(twin).items() if name != "monitor"}
-    old["detector"] = twin.monitor.detector
-    restored = EntityTwin.__new__(EntityTwin)
-    restored.__setstate__(old)
-    assert restored.monitor.detector is twin.monitor.detector
-    assert restored.monitor.alarms.active_ids == []
-    assert restored.monitor.alarms.entity_id == "pump-001"
+    older = pickle.dumps(twins).replace(b"state_version", b"state_versiom")  # none recorded
+    with pytest.raises(IncompatibleSnapshotError, match="layout 1, this twinflow keeps layout 2"):
+        pickle.loads(older)
+    assert pickle.loads(pickle.dumps(twins)).state_version == 2
