@@ -114,7 +114,15 @@ def run_demo(
         bridging.join()
         if flow.poll() is None:
             os.kill(flow.pid, signal.SIGINT)
-            flow.wait(60)
+            try:
+                flow.wait(60)
+            except subprocess.TimeoutExpired:
+                flow.kill()  # by its PID; never leave a flow running behind the demo
+                flow.wait()
+                raise TwinflowError(
+                    f"the twin flow did not stop within 60 s of SIGINT and was killed; "
+                    f"see {log_dir / 'flow.log'}"
+                ) from None
     alarm_rows, unread = _alarm_rows(QuestDBHttp(settings.questdb, timeout_s=10), names, start)
     return summarize(
         truth,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -73,6 +74,11 @@ def run_flow(
     addresses: list[str] | None = None,
 ) -> None:
     """Run the twin flow until interrupted (or a sink fails, then raise)."""
+    # Started in the background by a non-interactive shell (`twinflow run &`, a CI
+    # runner), a process inherits SIGINT ignored and Python installs no KeyboardInterrupt
+    # handler: Ctrl-C, and the SIGINT `twinflow demo` stops its flow with, would do
+    # nothing. A flow stops on SIGINT however it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     port = settings.metrics.flow_process_port(process_id)
     with serving(settings.metrics, port, "flow_port"):
         prepare_outputs(settings)

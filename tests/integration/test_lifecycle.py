@@ -3,15 +3,19 @@
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from connectors.questdb import QuestDBError, QuestDBHttp
+from tests.helpers import clean_env, twinflow_cli, wait_for_line
 from tests.helpers import isolated_env as isolated_stack_env
-from tests.helpers import twinflow_cli
 from twinflow.services.process import port_is_free, process_start_ticks
 from twinflow.settings import Settings
 
@@ -101,3 +105,40 @@ def test_demo_runs_the_whole_pipeline(stack: Settings) -> None:
     assert "readings in QuestDB" in summary
     assert stack.questdb.http_url in summary
     assert readings() > before
+
+
+def test_a_flow_started_with_sigint_ignored_still_stops_on_sigint(
+    stack: Settings, tmp_path: Path
+) -> None:
+    # A non-interactive shell's `&` (a CI runner, `twinflow run &`) starts a process with
+    # SIGINT ignored; the demo stops its flow with SIGINT.
+    suffix = f"{int(time.time())}{os.getpid()}"
+    env = clean_env(
+        state_dir=str(stack.state_dir),
+        topics__raw=f"sigint.raw.{suffix}",
+        topics__deadletter=f"sigint.deadletter.{suffix}",
+        topics__state=f"sigint.state.{suffix}",
+        topics__anomalies=f"sigint.anomalies.{suffix}",
+        topics__late=f"sigint.late.{suffix}",
+        topics__alarms=f"sigint.alarms.{suffix}",
+        questdb__table_prefix=f"sigint_{suffix}_",
+        flow__recovery_dir=str(tmp_path / "recovery"),
+    )
+    log = tmp_path / "flow.log"
+    with log.open("w") as out:
+        flow = subprocess.Popen(
+            [sys.executable, "-m", "twinflow", "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+    try:
+        wait_for_line(log, "created recovery store", timeout_s=120)
+        time.sleep(3)  # into the dataflow
+        os.kill(flow.pid, signal.SIGINT)
+        assert flow.wait(60) is not None
+    finally:
+        if flow.poll() is None:
+            flow.kill()  # by PID: never leave the flow behind a failed assert
+            flow.wait()
