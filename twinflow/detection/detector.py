@@ -228,17 +228,12 @@ class EntityDetector:
         """Column of each feature seen so far."""
         self._names: list[str] = []
         self._sensors: list[str] = []
-        self.clock = 0
-        """Windows scored so far (empty ones do not count)."""
+        self.windows = 0
+        """Windows scored so far (empty ones do not count); the operating points' clock."""
         self._seasonality: Seasonality | None = None
         self._smoother: Smoother | None = None
         self._scores: ZScores | None = None
         self._rule: DecisionRule | None = None
-
-    @property
-    def windows(self) -> int:
-        """Windows processed so far (empty ones do not count)."""
-        return self.clock
 
     @property
     def threshold(self) -> float | None:
@@ -280,8 +275,8 @@ class EntityDetector:
         if len(seasonality.changed):
             scores.relearn(seasonality.changed)
         smoothed = smoother.update(columns, plain, counts)
-        self.clock += 1
-        z, std, regime = scores.z(columns, smoothed, self.clock)
+        self.windows += 1
+        z, std, regime = scores.z(columns, smoothed, self.windows)
         score = float(np.abs(z).max())
         decision = self._rule.decide(score)
         contributions = (
@@ -317,7 +312,7 @@ class EntityDetector:
         if self._scores is None or self._smoother is None or self._rule is None:
             return
         seen = np.flatnonzero(self._smoother.seen)
-        self._scores.add_regime(seen, self._smoother.means[seen], self.clock)
+        self._scores.add_regime(seen, self._smoother.means[seen], self.windows)
         self._rule.persistence.clear()
 
     def learn_normal(
@@ -331,7 +326,7 @@ class EntityDetector:
         values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
         plain, _ = seasonality.apply(columns, values, ts_ms)
         smoothed = smoother.update(columns, plain, self._counts(names, readings))
-        _, _, regime = scores.z(columns, smoothed, self.clock)
+        _, _, regime = scores.z(columns, smoothed, self.windows)
         scores.learn(columns, smoothed, regime)
 
     def _parts(self) -> tuple[Seasonality, Smoother, ZScores]:
