@@ -239,7 +239,7 @@ def replay_rows(
                 verdict.detection.threshold,
                 verdict.raised,
             )
-        in_alarm = bool(monitor.alarms.active_ids)
+        in_alarm = monitor.in_alarm
         window_count += 1
         anomalies += in_alarm * len(pending)
         for i, timestamp in enumerate(pending, start=1):

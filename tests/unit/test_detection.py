@@ -420,6 +420,21 @@ def test_a_rebaselined_level_is_normal_and_so_is_the_old_one() -> None:
     assert [detector.process(x).is_anomaly for x in elsewhere][-1]
 
 
+def test_a_window_learned_as_normal_moves_the_model_towards_it() -> None:
+    detector = EntityDetector(PLAIN)
+    run(detector, normal_windows(PLAIN.warmup_windows + 50))
+    scores = detector._scores
+    assert scores is not None
+    column = detector.columns["flow.mean"]
+    before = float(scores.means[0, column, 0])
+    far = shifted(normal_windows(1, seed=7)[0], "flow.mean", 0.4)
+    detector.process(far)  # far outside the gate: not learned
+    assert float(scores.means[0, column, 0]) == before
+    detector.learn_normal(far)  # an operator said it was normal
+    assert float(scores.means[0, column, 0]) > before
+    assert detector.windows == PLAIN.warmup_windows + 51  # learning is not a scored window
+
+
 def test_the_least_recently_used_operating_point_makes_room() -> None:
     model = ZScores(1, regimes=2, min_count=1)
     column = np.array([0])

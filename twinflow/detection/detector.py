@@ -267,14 +267,8 @@ class EntityDetector:
             self._rule = config.make_rule()
         if not x:
             return Detection(0.0, self._rule.threshold, False, self._rule.warming_up, scored=False)
-        seasonality, smoother, scores = self._parts()
-        columns, names = self._columns(x)
-        values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
-        counts = self._counts(names, readings)
-        plain, cycle = seasonality.apply(columns, values, ts_ms)
-        if len(seasonality.changed):
-            scores.relearn(seasonality.changed)
-        smoothed = smoother.update(columns, plain, counts)
+        columns, names, smoothed, cycle = self._smoothed(x, readings, ts_ms)
+        scores = self._parts()[2]
         self.windows += 1
         z, std, regime = scores.z(columns, smoothed, self.windows)
         score = float(np.abs(z).max())
@@ -321,13 +315,25 @@ class EntityDetector:
         """Learn the window ``x`` as normal whatever it scores (an operator said so)."""
         if not x:
             return
+        columns, _names, smoothed, _cycle = self._smoothed(x, readings, ts_ms)
+        scores = self._parts()[2]
+        _, _, regime = scores.z(columns, smoothed, self.windows)
+        scores.learn(columns, smoothed, regime)
+
+    def _smoothed(
+        self, x: Mapping[str, float], readings: Mapping[str, int] | None, ts_ms: int
+    ) -> tuple[Index, list[str], np.ndarray, np.ndarray]:
+        """``x`` with its cycles removed and smoothed: columns, names, values, cycles.
+
+        The values are features by scales; the cycles, what was removed from each feature.
+        """
         seasonality, smoother, scores = self._parts()
         columns, names = self._columns(x)
         values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
-        plain, _ = seasonality.apply(columns, values, ts_ms)
-        smoothed = smoother.update(columns, plain, self._counts(names, readings))
-        _, _, regime = scores.z(columns, smoothed, self.windows)
-        scores.learn(columns, smoothed, regime)
+        plain, cycle = seasonality.apply(columns, values, ts_ms)
+        if len(seasonality.changed):
+            scores.relearn(seasonality.changed)
+        return columns, names, smoother.update(columns, plain, self._counts(names, readings)), cycle
 
     def _parts(self) -> tuple[Seasonality, Smoother, ZScores]:
         config = self.config
