@@ -6,6 +6,10 @@ Two forms, both keyed by entity id in Kafka:
 - batched: ``{"entity_id", "ts", "values": {sensor: number}, "units"?, "quality"?, "seq"?,
   "source"?}``: one entity and timestamp, several sensors.
 
+Either form may carry ``"reported": {setpoint: number | bool}``: the values the machine
+runs its setpoints at (see the twin model's ``setpoints``). A message may also carry
+``reported`` alone, with neither ``sensor`` nor ``values``.
+
 ``ts`` is RFC 3339 with an offset (normalised to UTC) or epoch milliseconds. ``seq`` is
 the publisher's per-entity message counter: with ``entity_id`` and ``ts`` it identifies
 a message (a restarted publisher may count from 1 again, at other timestamps).
@@ -63,6 +67,7 @@ class RawMessage(msgspec.Struct, frozen=True):
     quality: str | None = None
     seq: int | None = None
     source: str | None = None
+    reported: dict[str, float | bool] | None = None
 
     @property
     def ts_ms(self) -> int:
@@ -76,7 +81,8 @@ class RawMessage(msgspec.Struct, frozen=True):
         if self.values is not None:
             units = self.units or {}
             return [(name, value, units.get(name)) for name, value in self.values.items()]
-        assert self.sensor is not None and self.value is not None
+        if self.sensor is None or self.value is None:
+            return []
         return [(self.sensor, self.value, self.unit)]
 
 
@@ -99,8 +105,15 @@ def decode_raw(payload: bytes) -> RawMessage:
     except msgspec.DecodeError as exc:
         raise SchemaError(Reason.BAD_JSON, str(exc)) from None
     has_single = message.sensor is not None or message.value is not None
-    if has_single == (message.values is not None):
+    if has_single and message.values is not None:
         raise SchemaError(Reason.BAD_FORM, "needs either sensor+value or values, not both")
+    if not has_single and message.values is None and not message.reported:
+        raise SchemaError(
+            Reason.BAD_FORM, "needs either sensor+value or values, not both (or reported alone)"
+        )
+    for setpoint, reported in (message.reported or {}).items():
+        if not isinstance(reported, bool) and not math.isfinite(reported):
+            raise SchemaError(Reason.NON_FINITE, f"reported {setpoint} is {reported}")
     if has_single and (message.sensor is None or message.value is None):
         raise SchemaError(Reason.BAD_FORM, "the single form needs both sensor and value")
     if message.values is not None and not message.values:
@@ -109,7 +122,7 @@ def decode_raw(payload: bytes) -> RawMessage:
         for sensor, value in message.values.items():
             if not math.isfinite(value):
                 raise SchemaError(Reason.NON_FINITE, f"{sensor} is {value}")
-    elif not math.isfinite(message.value):  # type: ignore[arg-type]
+    elif message.value is not None and not math.isfinite(message.value):
         raise SchemaError(Reason.NON_FINITE, f"{message.sensor} is {message.value}")
     if isinstance(message.ts, datetime):
         if message.ts.tzinfo is None:

@@ -287,6 +287,8 @@ class TopicSettings(_Section):
     anomalies: str = "twin.anomalies"
     late: str = "twin.late"
     alarms: str = "twin.alarms"
+    feedback: str = "twin.feedback"
+    commands: str = "twin.commands"
     raw_partitions: int = Field(default=4, ge=1, le=1024)
 
 

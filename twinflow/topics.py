@@ -20,3 +20,16 @@ def output_topics(topics: TopicSettings) -> list[TopicSpec]:
         TopicSpec(topics.late, topics.raw_partitions),
         TopicSpec(topics.deadletter, 1),
     ]
+
+
+CONTROL_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
+"""The broker stamps back-channel messages: the flow orders them against ``twin.raw`` by
+that time, so it must not go backwards within the topic (see schemas.control)."""
+
+
+def control_topics(topics: TopicSettings) -> list[TopicSpec]:
+    """The back channel: operator feedback and setpoint commands, one partition each."""
+    return [
+        TopicSpec(topics.feedback, 1, CONTROL_TOPIC_CONFIG),
+        TopicSpec(topics.commands, 1, CONTROL_TOPIC_CONFIG),
+    ]

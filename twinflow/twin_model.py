@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -161,14 +161,106 @@ def _check_expression(expression: str, sensors: Mapping[str, SensorSpec]) -> Non
             raise ValueError(allowed)
 
 
+SetpointValue = float | bool
+
+
+class SetpointSpec(_Strict):
+    """A value the twin may write to its machine (a speed setpoint, an enable)."""
+
+    type: Literal["float", "int", "bool"] = "float"
+    unit: str = ""
+    range: tuple[float, float] | None = Field(
+        default=None, description="allowed [min, max]; required for float and int"
+    )
+    default: SetpointValue = Field(description="what the machine runs at until told otherwise")
+    tolerance: float = Field(
+        default=0.0, ge=0, description="largest |reported - desired| that still counts as in sync"
+    )
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _range_fits_type(self) -> Self:
+        if self.type == "bool":
+            if self.range is not None:
+                raise ValueError("a bool setpoint has no range")
+        elif self.range is None:
+            raise ValueError(f"a {self.type} setpoint needs a range [min, max]")
+        else:
+            low, high = self.range
+            if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+                raise ValueError(f"range must be [min, max] with min < max, got [{low}, {high}]")
+        problem = self.check(self.default)
+        if problem is not None:
+            raise ValueError(f"default: {problem}")
+        return self
+
+    def allowed(self) -> str:
+        """The allowed values, for messages: ``a float in [600, 1800] rpm``."""
+        if self.type == "bool":
+            return "true or false"
+        assert self.range is not None
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{'an integer' if self.type == 'int' else 'a number'} in [{self.range[0]:g}, {self.range[1]:g}]{unit}"
+
+    def check(self, value: object) -> str | None:
+        """Why ``value`` is not allowed, or None when it is.
+
+        >>> spec = SetpointSpec(type="float", unit="rpm", range=(600, 1800), default=1480)
+        >>> spec.check(2000)
+        '2000 is outside [600, 1800] rpm'
+        >>> spec.check(True)
+        'expected a number in [600, 1800] rpm, got a bool'
+        """
+        if self.type == "bool":
+            return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            got = "a bool" if isinstance(value, bool) else repr(value)
+            return f"expected {self.allowed()}, got {got}"
+        if not math.isfinite(value):
+            return f"expected {self.allowed()}, got {value}"
+        if self.type == "int" and value != int(value):
+            return f"expected {self.allowed()}, got {value:g}"
+        assert self.range is not None
+        low, high = self.range
+        if not low <= value <= high:
+            unit = f" {self.unit}" if self.unit else ""
+            return f"{value:g} is outside [{low:g}, {high:g}]{unit}"
+        return None
+
+    def parse(self, text: str) -> SetpointValue:
+        """A value typed on a command line, or ValueError naming what is allowed."""
+        if self.type == "bool":
+            lowered = text.strip().lower()
+            if lowered in {"true", "on", "1", "yes"}:
+                return True
+            if lowered in {"false", "off", "0", "no"}:
+                return False
+            raise ValueError(f"expected true or false, got {text!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected {self.allowed()}, got {text!r}") from None
+        problem = self.check(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    def in_sync(self, desired: SetpointValue, reported: SetpointValue) -> bool:
+        """Whether the machine reports what was asked for."""
+        if self.type == "bool" or isinstance(desired, bool) or isinstance(reported, bool):
+            return bool(desired) == bool(reported) and type(desired) is type(reported)
+        return abs(float(reported) - float(desired)) <= self.tolerance
+
+
 class AssetType(_Strict):
-    """A kind of machine: its sensors and derived metrics."""
+    """A kind of machine: its sensors, derived metrics and writable setpoints."""
 
     description: str = ""
     sensors: dict[str, SensorSpec] = Field(min_length=1)
     derived: dict[str, DerivedMetric] = Field(default_factory=dict)
+    setpoints: dict[str, SetpointSpec] = Field(default_factory=dict)
 
-    @field_validator("sensors", "derived")
+    @field_validator("sensors", "derived", "setpoints")
     @classmethod
     def _names(cls, items: dict[str, Any]) -> dict[str, Any]:
         for name in items:
@@ -249,6 +341,14 @@ class TwinModel(_Strict):
     def sensors_of(self, entity_id: str) -> dict[str, SensorSpec]:
         """The sensor specs of an entity (KeyError if unknown)."""
         return self.asset_types[self.by_id[entity_id].type].sensors
+
+    def setpoints_of(self, entity_id: str) -> dict[str, SetpointSpec]:
+        """The setpoint specs of an entity (KeyError if unknown)."""
+        return self.asset_types[self.by_id[entity_id].type].setpoints
+
+    def mqtt_command_topic(self, entity: Entity) -> str:
+        """Where ``entity`` receives commands: ``<prefix>/<site>/<line>/<id>/cmd``."""
+        return f"{self.mqtt_topic_prefix}/{entity.site}/{entity.line}/{entity.id}/cmd"
 
 
 def load_twin_model(path: Path) -> TwinModel:
