@@ -1,4 +1,4 @@
-"""JSON Schemas of the output topics, derived from their structs.
+"""JSON Schemas of the output and back-channel topics, derived from their structs.
 
 The files in schemas/json/ are the published contract; ``python -m schemas.generate``
 rewrites them after a struct changes, and a test fails while they differ.
@@ -12,26 +12,31 @@ from typing import Any
 
 import msgspec
 
+from schemas.control import Command, CommandResult, Feedback
 from schemas.outputs import VERSION, Alarm, Anomaly, LateReading, TwinState
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
-OUTPUT_TOPICS: dict[str, tuple[type[msgspec.Struct], str]] = {
+OUTPUT_TOPICS: dict[str, tuple[Any, str]] = {
     "twin_state": (TwinState, "twin.state (compacted; key = entity_id)"),
     "anomaly": (Anomaly, "twin.anomalies (key = entity_id)"),
     "alarm": (Alarm, "twin.alarms (key = entity_id)"),
     "late_reading": (LateReading, "twin.late (key = entity_id)"),
+    "feedback": (Feedback, "twin.feedback (key = entity_id)"),
+    "command": (Command | CommandResult, "twin.commands (key = entity_id; kind = command | result)"),
 }
 
 
 def output_schemas() -> dict[str, dict[str, Any]]:
-    """File name -> JSON Schema of every output topic's message."""
+    """File name -> JSON Schema of every output and back-channel topic's message."""
     schemas = {}
     for name, (struct, topic) in OUTPUT_TOPICS.items():
         schema = msgspec.json.schema(struct)
-        root = schema["$defs"][struct.__name__]
-        # A consumer must be able to rely on the version: required, and this one.
-        root["properties"]["version"] = {"const": VERSION}
-        root["required"] = sorted({*root.get("required", ()), "version"})
+        structs = getattr(struct, "__args__", (struct,))
+        for part in structs:
+            root = schema["$defs"][part.__name__]
+            # A consumer must be able to rely on the version: required, and this one.
+            root["properties"]["version"] = {"const": VERSION}
+            root["required"] = sorted({*root.get("required", ()), "version"})
         schemas[f"{name}.v{VERSION}.schema.json"] = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": f"twinflow:{name}:v{VERSION}",

@@ -112,6 +112,21 @@ class AlarmEvent(StrEnum):
     """Enough normal windows in a row after the last anomalous one."""
     REBASELINED = "rebaselined"
     """Active for so long that the model accepted the entity's level as its new normal."""
+    ACKNOWLEDGED = "acknowledged"
+    """An operator has seen it (verdict ``ack``); it stays active."""
+    CONFIRMED = "confirmed"
+    """An operator called it a true fault (``confirm``): its windows are never learned and
+    it is never re-baselined; it stays active until the entity is normal again."""
+    REJECTED = "rejected"
+    """An operator called it a false alarm (``reject``): it ends, and the model accepts
+    the entity's level as normal."""
+
+
+class AlarmVerdict(StrEnum):
+    """An operator's judgement of an alarm."""
+
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
 
 
 class Alarm(msgspec.Struct, frozen=True):
@@ -147,6 +162,14 @@ class Alarm(msgspec.Struct, frozen=True):
     """The features that explained the peak window, largest weight first, with the
     range the model expected."""
     version: int = VERSION
+    acknowledged: bool = False
+    """Whether an operator has acknowledged (or confirmed) it."""
+    verdict: AlarmVerdict | None = None
+    """An operator's judgement, once given."""
+    operator: str | None = None
+    """Who gave the latest acknowledgement or verdict."""
+    note: str | None = None
+    """What they wrote with it."""
 
 
 class SensorState(msgspec.Struct, frozen=True):
@@ -156,6 +179,38 @@ class SensorState(msgspec.Struct, frozen=True):
     ts_ms: int
     flags: int
     unit: str
+
+
+class SetpointStatus(StrEnum):
+    """Where a setpoint's last command stands (desired vs reported)."""
+
+    PENDING = "pending"
+    """Sent; the machine does not report the desired value yet."""
+    IN_SYNC = "in_sync"
+    """The machine reports the desired value."""
+    OUT_OF_SYNC = "out_of_sync"
+    """It was in sync, and the machine now reports another value."""
+    FAILED = "failed"
+    """A bridge could not deliver it (the reason is in ``detail``)."""
+    EXPIRED = "expired"
+    """Its expiry passed before the machine reported the desired value."""
+
+
+class SetpointState(msgspec.Struct, frozen=True):
+    """One writable setpoint of an entity: what was asked for and what the machine says."""
+
+    desired: float | bool | None
+    """The last command's value (None: never commanded)."""
+    reported: float | bool | None
+    """What the machine last reported running at (None: never reported)."""
+    status: SetpointStatus | None
+    """Of the last command (None: never commanded)."""
+    command_id: str | None = None
+    issued_ms: int | None = None
+    expires_ms: int | None = None
+    reported_ms: int | None = None
+    """Event time of the latest report."""
+    detail: str = ""
 
 
 class Counts(msgspec.Struct, frozen=True):
@@ -189,6 +244,18 @@ class TwinState(msgspec.Struct, frozen=True):
     active_alarms: list[str] = msgspec.field(default_factory=list)
     """Ids of the entity's active alarms (see :class:`Alarm`)."""
     version: int = VERSION
+    setpoints: dict[str, SetpointState] = msgspec.field(default_factory=dict)
+    """Desired vs reported per writable setpoint of its asset type."""
+
+
+class SetpointChange(msgspec.Struct, frozen=True):
+    """One change of an entity's setpoint state (table ``setpoints``)."""
+
+    entity_id: str
+    setpoint: str
+    ts_ms: int
+    """Kafka time of the message that changed it (a command, a result, a report)."""
+    state: SetpointState
 
 
 class LateReading(msgspec.Struct, frozen=True):

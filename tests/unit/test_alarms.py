@@ -7,6 +7,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from schemas.control import Verdict
 from schemas.generate import output_schemas
 from schemas.outputs import AlarmEvent, encode
 from twinflow.detection import AlarmPolicy, AlarmTracker, DetectorConfig, EntityMonitor
@@ -109,11 +110,18 @@ def test_alarm_events_validate_against_their_schema() -> None:
     )
     monitor = EntityMonitor("pump-001", config)
     seen = set()
-    values = series([(100, 100.0), (30, 130.0), (30, 100.0), (200, 70.0)])
+    raised = 0
+    values = series([(100, 100.0), (30, 130.0), (30, 100.0), (200, 70.0), (10, 40.0)])
     for i, value in enumerate(values):
-        for alarm in monitor.process(
-            {"flow.mean": value}, i * WINDOW_MS, (i + 1) * WINDOW_MS
-        ).alarms:
+        alarms = monitor.process({"flow.mean": value}, i * WINDOW_MS, (i + 1) * WINDOW_MS).alarms
+        for alarm in list(alarms):
+            if alarm.event is AlarmEvent.RAISED:
+                raised += 1
+                # The first is acknowledged, the third confirmed and then rejected.
+                verdicts = {1: [Verdict.ACK], 3: [Verdict.CONFIRM, Verdict.REJECT]}
+                for verdict in verdicts.get(raised, []):
+                    alarms += monitor.feedback(alarm.alarm_id, verdict, "ann", "checked")
+        for alarm in alarms:
             jsonschema.validate(msgspec.json.decode(encode(alarm)), schema)
             seen.add(alarm.event)
     assert seen == set(AlarmEvent)
@@ -136,3 +144,74 @@ def test_a_tracker_mid_incident_pickles_and_goes_on_the_same_way() -> None:
     left = [a.msg_id for i, f in rest for a in tracker.update(f, 9.0, 4.0, [], i * 10, i * 10 + 10)]
     right = [a.msg_id for i, f in rest for a in copy.update(f, 9.0, 4.0, [], i * 10, i * 10 + 10)]
     assert left == right == ["pump-001@10/cleared", "pump-001@80/raised"]
+
+
+# Operator feedback. The flow's setting: 10-s windows of 1-Hz sensors, both time scales.
+FLOW_LIKE = DetectorConfig(warmup_windows=60, min_count=10, periods=(), clear_windows=3)
+READINGS = {"flow": 10}
+
+
+def judged(
+    monitor: EntityMonitor, values: list[float], first: int, verdict: Verdict | None = None
+) -> tuple[list[str], list[bool]]:
+    """Process ``values`` from window ``first``; apply ``verdict`` to the alarm it raises."""
+    events, active = [], []
+    for i, value in enumerate(values, start=first):
+        verdict_alarms = monitor.process(
+            {"flow.mean": value}, i * WINDOW_MS, (i + 1) * WINDOW_MS, READINGS
+        ).alarms
+        for alarm in list(verdict_alarms):
+            if alarm.event is AlarmEvent.RAISED and verdict is not None:
+                verdict_alarms += monitor.feedback(alarm.alarm_id, verdict, "ann", "planned")
+        events += [alarm.event.value for alarm in verdict_alarms]
+        active.append(monitor.in_alarm)
+    return events, active
+
+
+def warmed_up() -> EntityMonitor:
+    monitor = EntityMonitor("pump-001", FLOW_LIKE)
+    events, _ = judged(monitor, series([(100, 100.0)]), 0)
+    assert events == []
+    return monitor
+
+
+def test_a_rejected_alarm_ends_and_its_level_does_not_alarm_again() -> None:
+    """A planned setpoint change: the operator rejects its alarm as soon as it is raised."""
+    step = series([(120, 115.0)], seed=1)
+    monitor = warmed_up()
+    events, active = judged(monitor, step, 100, Verdict.REJECT)
+    assert events == ["raised", "rejected"]
+    assert not any(active)
+    # Without the verdict the same change stays in alarm until it is re-baselined.
+    events, active = judged(warmed_up(), step, 100)
+    assert events == ["raised", "rebaselined"]
+    assert sum(active) > 50
+
+
+def test_a_confirmed_fault_keeps_alarming_and_is_never_learned() -> None:
+    monitor = warmed_up()
+    scores = monitor.detector._parts()[2]
+    means, counts = scores.means.copy(), scores.count.copy()
+    # Longer than the re-baselining limit (60 windows here): a confirmed fault stays.
+    events, active = judged(monitor, series([(150, 112.0)], seed=3), 100, Verdict.CONFIRM)
+    assert events == ["raised", "confirmed"]
+    assert all(active[2:])
+    assert np.array_equal(scores.means, means) and np.array_equal(scores.count, counts)
+    # Repaired: the entity is normal again, the alarm clears and learning resumes.
+    events, active = judged(monitor, series([(40, 100.0)], seed=4), 250)
+    assert events == ["cleared"] and not active[-1]
+    assert (scores.count >= counts).all() and (scores.count > counts).any()
+
+
+def test_a_verdict_on_another_or_an_ended_alarm_changes_nothing() -> None:
+    monitor = warmed_up()
+    events, _ = judged(monitor, series([(5, 120.0)], seed=5), 100)
+    alarm_id = monitor.alarms.active_ids[0]
+    assert monitor.feedback("pump-001@0", Verdict.REJECT, "ann") == []
+    assert [a.event.value for a in monitor.feedback(alarm_id, Verdict.ACK, "ann")] == [
+        "acknowledged"
+    ]
+    assert monitor.feedback(alarm_id, Verdict.ACK, "bo") == []
+    judged(monitor, series([(20, 100.0)], seed=6), 105)
+    assert not monitor.in_alarm
+    assert monitor.feedback(alarm_id, Verdict.REJECT, "ann") == []

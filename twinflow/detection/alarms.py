@@ -16,6 +16,11 @@ the stream of per-window verdicts of one entity into alarms:
   normal accepted at T", and the caller makes the model accept the level
   (:meth:`~twinflow.detection.EntityDetector.rebaseline`).
 
+Operators judge alarms (:meth:`AlarmTracker.feedback`): ``ack`` marks the active alarm
+acknowledged; ``confirm`` marks it a true fault, which is then never re-baselined (the
+caller also keeps its windows out of learning); ``reject`` ends it as a false alarm
+(the caller makes the model accept the level).
+
 Every transition is one :class:`~schemas.outputs.Alarm` message, emitted once. Pure code
 and plain state (a few numbers and one small struct), so it pickles with the entity.
 """
@@ -24,7 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Contribution
+from schemas.control import Verdict
+from schemas.outputs import Alarm, AlarmEvent, AlarmKind, AlarmVerdict, Contribution
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,13 @@ class _Incident:
     windows: int = 1
     """Windows since it was raised, the raising one included."""
     last_anomalous_end_ms: int = 0
+    last_end_ms: int = 0
+    """End of its latest window: the event time an operator's verdict takes effect at."""
     normal_run: int = 0
+    acknowledged: bool = False
+    confirmed: bool = False
+    operator: str | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -105,10 +117,16 @@ class AlarmTracker:
                 return []
             self.raised += 1
             incident = self.incident = _Incident(
-                start_ms, score, threshold, list(contributions), last_anomalous_end_ms=end_ms
+                start_ms,
+                score,
+                threshold,
+                list(contributions),
+                last_anomalous_end_ms=end_ms,
+                last_end_ms=end_ms,
             )
             return [self._event(incident, AlarmEvent.RAISED, end_ms, active=True)]
         incident.windows += 1
+        incident.last_end_ms = end_ms
         if is_anomaly:
             incident.anomalous_windows += 1
             incident.last_anomalous_end_ms = end_ms
@@ -130,12 +148,54 @@ class AlarmTracker:
                     )
                 ]
         limit = self.policy.rebaseline_windows
-        if limit is not None and incident.windows >= limit:
+        if limit is not None and incident.windows >= limit and not incident.confirmed:
             self.incident = None
             return [
                 self._event(incident, AlarmEvent.REBASELINED, end_ms, active=False, ended_ms=end_ms)
             ]
         return []
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether the active alarm was confirmed a true fault."""
+        return self.incident is not None and self.incident.confirmed
+
+    def feedback(self, alarm_id: str, verdict: Verdict, operator: str, note: str) -> list[Alarm]:
+        """Apply an operator's verdict; the transition it caused (none if it changes nothing).
+
+        Only the active alarm can be judged: a verdict on an ended or unknown alarm, or
+        one that repeats what was already said (a second ``ack``), changes nothing.
+
+        >>> tracker = AlarmTracker("p", AlarmPolicy(clear_windows=2, rebaseline_windows=3))
+        >>> _ = tracker.update(True, 9.0, 4.0, [], 0, 10)
+        >>> [a.event.value for a in tracker.feedback("p@0", Verdict.CONFIRM, "ann", "")]
+        ['confirmed']
+        >>> [a.event.value for w in range(3) for a in tracker.update(True, 9.0, 4.0, [], w, w)]
+        []
+        >>> [(a.event.value, a.active, a.end_ms)
+        ...  for a in tracker.feedback("p@0", Verdict.REJECT, "bo", "")]
+        [('rejected', False, 2)]
+        >>> tracker.feedback("p@0", Verdict.ACK, "ann", "")
+        []
+        """
+        incident = self.incident
+        if incident is None or self._id(incident) != alarm_id:
+            return []
+        incident.operator = operator
+        incident.note = note or None
+        if verdict is Verdict.REJECT:
+            self.incident = None
+            at = incident.last_end_ms
+            return [self._event(incident, AlarmEvent.REJECTED, at, active=False, ended_ms=at)]
+        if verdict is Verdict.CONFIRM:
+            if incident.confirmed:
+                return []
+            incident.confirmed = incident.acknowledged = True
+            return [self._event(incident, AlarmEvent.CONFIRMED, incident.last_end_ms, active=True)]
+        if incident.acknowledged:
+            return []
+        incident.acknowledged = True
+        return [self._event(incident, AlarmEvent.ACKNOWLEDGED, incident.last_end_ms, active=True)]
 
     def _id(self, incident: _Incident) -> str:
         return f"{self.entity_id}@{incident.start_ms}"
@@ -164,4 +224,14 @@ class AlarmTracker:
             threshold=incident.threshold,
             anomalous_windows=incident.anomalous_windows,
             contributions=list(incident.contributions),
+            acknowledged=incident.acknowledged,
+            verdict=(
+                AlarmVerdict.REJECTED
+                if event is AlarmEvent.REJECTED
+                else AlarmVerdict.CONFIRMED
+                if incident.confirmed
+                else None
+            ),
+            operator=incident.operator,
+            note=incident.note,
         )

@@ -145,6 +145,9 @@ class DetectorConfig:
 
 _MIN_CALIBRATION = 30
 """Fewest warm-up scores the threshold is calibrated on."""
+_SETTLED = 0.05
+"""A re-baselined level has settled once less than this share of a feature's slowest
+scale remembers the time before the re-baseline."""
 _ALL = slice(None)
 
 
@@ -204,7 +207,8 @@ class EntityDetector:
        (SKAB's fluid temperature over hours) drifts past it, nothing is learned again and
        every later window is an anomaly (98 % of SKAB's anomaly-free run after its
        warm-up, against 3 % per feature). A fault stays unlearned, so it stays
-       anomalous until its alarm is re-baselined (:meth:`rebaseline`).
+       anomalous until its alarm is re-baselined (:meth:`rebaseline`). An operator's
+       confirmed fault learns nothing at all (``learn=False``).
 
     Measured per window (10 features, two scales, both cycles): see the README's
     detection section.
@@ -234,6 +238,10 @@ class EntityDetector:
         self._smoother: Smoother | None = None
         self._scores: ZScores | None = None
         self._rule: DecisionRule | None = None
+        self._settling: np.ndarray | None = None
+        """Per column, the share of its slowest scale that still remembers the time before
+        the latest re-baseline (None: settled)."""
+        self._settling_regime = 0
 
     @property
     def threshold(self) -> float | None:
@@ -253,6 +261,8 @@ class EntityDetector:
         x: Mapping[str, float],
         readings: Mapping[str, int] | None = None,
         ts_ms: int = 0,
+        *,
+        learn: bool = True,
     ) -> Detection:
         """Score one window's features ``x``, decide, then learn what looks normal.
 
@@ -260,15 +270,18 @@ class EntityDetector:
         weighs a window by them; default 1). ``ts_ms``: the window's event time (its
         start), which places it in the daily and weekly cycles. An empty ``x`` (no
         sensor had a reading) says nothing: it is neither scored nor learned, and does not
-        count towards the warm-up or persistence.
+        count towards the warm-up or persistence. ``learn`` false: score only (a window of
+        a confirmed fault).
         """
         config = self.config
         if self._rule is None:
             self._rule = config.make_rule()
         if not x:
             return Detection(0.0, self._rule.threshold, False, self._rule.warming_up, scored=False)
-        columns, names, smoothed, cycle = self._smoothed(x, readings, ts_ms)
+        columns, names, smoothed, cycle = self._smoothed(x, readings, ts_ms, learn=learn)
         scores = self._parts()[2]
+        if self._settling is not None:
+            self._settle(columns, names, smoothed, readings)
         self.windows += 1
         z, std, regime = scores.z(columns, smoothed, self.windows)
         score = float(np.abs(z).max())
@@ -278,9 +291,9 @@ class EntityDetector:
             if decision.is_anomaly
             else []
         )
-        if decision.warming_up:
+        if learn and decision.warming_up:
             scores.learn(columns, smoothed, regime)
-        else:
+        elif learn:
             scores.learn(
                 columns, smoothed, regime, gate=config.learn_gate, z=z, std=std, robust=True
             )
@@ -302,12 +315,47 @@ class EntityDetector:
         Called when an alarm has lasted long enough to be a new operating point
         (:class:`~twinflow.detection.alarms.AlarmTracker`), and by an operator's verdict
         that an alarm was normal.
+
+        A level accepted soon after it changed is still settling: the slow scale has
+        not caught up with it yet, and judged against where it stood at this call it
+        would alarm again as it moves on. So until less than ``_SETTLED`` of each
+        feature's slowest scale remembers the time before this call, the new operating
+        point follows the feature (with 1-Hz readings in 10-s windows: about six
+        windows; a level that had long settled is followed for nothing new).
         """
         if self._scores is None or self._smoother is None or self._rule is None:
             return
         seen = np.flatnonzero(self._smoother.seen)
-        self._scores.add_regime(seen, self._smoother.means[seen], self.windows)
+        self._settling_regime = self._scores.add_regime(
+            seen, self._smoother.means[seen], self.windows
+        )
+        self._settling = np.where(self._smoother.seen, 1.0, 0.0)
         self._rule.persistence.clear()
+
+    def _settle(
+        self,
+        columns: Index,
+        names: list[str],
+        smoothed: np.ndarray,
+        readings: Mapping[str, int] | None,
+    ) -> None:
+        """Move the re-baselined operating point along with features still settling."""
+        settling = self._settling
+        assert settling is not None and self._scores is not None
+        positions = np.arange(len(names)) if isinstance(columns, slice) else columns
+        known = positions < len(settling)
+        index = positions[known]
+        remaining = settling[index]
+        following = remaining > _SETTLED
+        if following.any():
+            self._scores.set_levels(
+                self._settling_regime, index[following], smoothed[known][following]
+            )
+        counts = self._counts(names, readings)
+        per_window = 1.0 if counts is None else np.maximum(counts[known], 1)
+        settling[index] = remaining * (1.0 - min(self.config.smoothing)) ** per_window
+        if not (settling > _SETTLED).any():
+            self._settling = None
 
     def learn_normal(
         self, x: Mapping[str, float], readings: Mapping[str, int] | None = None, ts_ms: int = 0
@@ -321,7 +369,12 @@ class EntityDetector:
         scores.learn(columns, smoothed, regime)
 
     def _smoothed(
-        self, x: Mapping[str, float], readings: Mapping[str, int] | None, ts_ms: int
+        self,
+        x: Mapping[str, float],
+        readings: Mapping[str, int] | None,
+        ts_ms: int,
+        *,
+        learn: bool = True,
     ) -> tuple[Index, list[str], np.ndarray, np.ndarray]:
         """``x`` with its cycles removed and smoothed: columns, names, values, cycles.
 
@@ -330,7 +383,7 @@ class EntityDetector:
         seasonality, smoother, scores = self._parts()
         columns, names = self._columns(x)
         values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
-        plain, cycle = seasonality.apply(columns, values, ts_ms)
+        plain, cycle = seasonality.apply(columns, values, ts_ms, learn=learn)
         if len(seasonality.changed):
             scores.relearn(seasonality.changed)
         return columns, names, smoother.update(columns, plain, self._counts(names, readings)), cycle

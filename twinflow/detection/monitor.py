@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from schemas import control
 from schemas.outputs import Alarm, AlarmEvent, SensorWindow
 from twinflow.detection.alarms import AlarmTracker
 from twinflow.detection.detector import Detection, DetectorConfig, EntityDetector
+from twinflow.detection.features import feature_vector
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +28,10 @@ class Verdict:
 class EntityMonitor:
     """One entity's anomaly model and alarm lifecycle, kept together so they agree.
 
-    When the tracker re-baselines an alarm, the detector accepts the entity's current
-    level in the same call, so the next window is judged against it.
+    When the tracker re-baselines an alarm, or an operator rejects it, the detector
+    accepts the entity's current level in the same call, so the next window is judged
+    against it. While the active alarm is a confirmed fault, the detector scores
+    windows without learning from them.
 
     >>> from twinflow.detection import DetectorConfig
     >>> config = DetectorConfig(warmup_windows=60, smoothing=(1.0,), min_count=10, periods=())
@@ -49,7 +53,12 @@ class EntityMonitor:
         self, windows: Mapping[str, SensorWindow], start_ms: int, end_ms: int
     ) -> Verdict:
         """Judge one closed window of the entity (its sensors' features)."""
-        detection = self.detector.process_window(windows, start_ms)
+        detection = self.detector.process(
+            feature_vector(windows),
+            {sensor: w.count for sensor, w in windows.items()},
+            start_ms,
+            learn=not self.alarms.confirmed,
+        )
         return self._judge(detection, start_ms, end_ms)
 
     def process(
@@ -60,8 +69,21 @@ class EntityMonitor:
         readings: Mapping[str, int] | None = None,
     ) -> Verdict:
         """Judge one window given as a feature dict (see ``EntityDetector.process``)."""
-        detection = self.detector.process(x, readings, start_ms)
+        detection = self.detector.process(x, readings, start_ms, learn=not self.alarms.confirmed)
         return self._judge(detection, start_ms, end_ms)
+
+    def feedback(
+        self, alarm_id: str, verdict: control.Verdict, operator: str, note: str = ""
+    ) -> list[Alarm]:
+        """Apply an operator's verdict on an alarm; the alarm transitions it caused.
+
+        ``reject`` makes the detector accept the entity's level as normal, so the entity
+        is back to OK within a few windows and does not alarm again on that level.
+        """
+        alarms = self.alarms.feedback(alarm_id, verdict, operator, note)
+        if any(alarm.event is AlarmEvent.REJECTED for alarm in alarms):
+            self.detector.rebaseline()
+        return alarms
 
     @property
     def in_alarm(self) -> bool:

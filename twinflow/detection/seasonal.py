@@ -143,11 +143,14 @@ class Seasonality:
         self.in_use = False
         """Whether any feature uses a period."""
 
-    def apply(self, columns: Index, values: Floats, ts_ms: int) -> tuple[Floats, Floats]:
+    def apply(
+        self, columns: Index, values: Floats, ts_ms: int, *, learn: bool = True
+    ) -> tuple[Floats, Floats]:
         """The features at ``columns`` with their cycle removed, and what was removed.
 
-        Also learns ``values`` (after forecasting them) and may change which period a
-        feature uses; :attr:`changed` says which did in this call.
+        Also learns ``values`` (after forecasting them; not when ``learn`` is false) and
+        may change which period a feature uses; :attr:`changed` says which did in this
+        call.
         """
         if len(self.changed):
             self.changed = self.changed[:0]
@@ -175,7 +178,8 @@ class Seasonality:
             removed = np.where(chosen >= 0, forecast[chosen, np.arange(len(values))], 0.0)
         else:
             removed = np.zeros(len(values))
-        self._learn(columns, values, level, forecast, ts_ms)
+        if learn:
+            self._learn(columns, values, level, forecast, ts_ms)
         return values - removed, removed
 
     def grow(self, features: int) -> None:

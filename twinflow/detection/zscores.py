@@ -198,6 +198,10 @@ class ZScores:
         self.last_used[regime] = at
         return regime
 
+    def set_levels(self, regime: int, columns: Index, levels: Floats) -> None:
+        """Move ``regime``'s means of ``columns`` to ``levels`` (features by scales)."""
+        self.means[regime, columns] = levels
+
     def relearn(self, columns: Index) -> None:
         """Let ``columns`` adapt quickly again (their inputs changed meaning).
 
