@@ -104,10 +104,36 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "anomalous_windows": [a.anomalous_windows for a in alarms],
                     "top_sensors": [_top_sensors(a.contributions) for a in alarms],
                     "explanation": [_explanation(a.contributions) for a in alarms],
+                    "acknowledged": [a.acknowledged for a in alarms],
+                    "verdict": [a.verdict.value if a.verdict else None for a in alarms],
+                    "operator": [a.operator for a in alarms],
+                    "note": [a.note for a in alarms],
+                },
+            )
+        )
+    if out.setpoints:
+        changes = out.setpoints
+        batches.append(
+            table_frame(
+                tables.setpoints,
+                {
+                    "ts": [c.ts_ms for c in changes],
+                    "entity": [c.entity_id for c in changes],
+                    "setpoint": [c.setpoint for c in changes],
+                    "status": [c.state.status.value if c.state.status else None for c in changes],
+                    "desired": [_number(c.state.desired) for c in changes],
+                    "reported": [_number(c.state.reported) for c in changes],
+                    "command_id": [c.state.command_id for c in changes],
+                    "expires": [c.state.expires_ms for c in changes],
+                    "detail": [c.state.detail for c in changes],
                 },
             )
         )
     return batches
+
+
+def _number(value: float | bool | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _top_sensors(contributions: list[outputs.Contribution]) -> str:

@@ -1,10 +1,13 @@
-"""The twin dataflow: raw readings in; readings, windows, twin state, anomalies, alarms out.
+"""The twin dataflow: raw readings and the back channel in; twin facts out.
 
-::
+Out go readings, windows, twin state, anomalies, alarms and setpoint changes::
 
-    raw_in (batch per partition) -> twins (stateful, per partition) -+-> to_tables -+-> questdb
-                                                                      +-> to_records -> kafka
-    deadletters_in (batch per partition) -> deadletter_rows ----------------------+
+    raw_in (per partition) -+-> twins (stateful, per raw partition) -+-> to_tables -+-> questdb
+    control_in (to every) --+                                        +-> to_records -> kafka
+    deadletters_in (batch per partition) -> deadletter_rows -------------------------+
+
+``control_in`` (operator verdicts, commands, delivery results) is optional: without it
+the twins take raw messages as they come.
 
 Step ids are part of the recovery contract: renaming one orphans its snapshots.
 """
@@ -14,11 +17,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import bytewax.operators as op
 import numpy as np
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
@@ -27,12 +30,14 @@ from connectors.questdb import TableBatch
 from flows.outputs import deadletter_batches, kafka_records, table_batches
 from twinflow import metrics
 from twinflow.detection import DetectorConfig
+from twinflow.merge import ControlBatch
 from twinflow.settings import Settings
 from twinflow.tables import tables as table_specs
 from twinflow.twin import InputMessage, PartitionTwins, StepOutput
 from twinflow.twin_model import TwinModel
 
 Batch = tuple[str, Sequence[InputMessage]]
+ControlItem = tuple[str, ControlBatch]
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 _Target = TypeVar("_Target")
@@ -66,6 +71,12 @@ def observe(out: StepOutput, now_ms: int) -> None:
         metrics.anomalies.inc(len(out.anomalies))
     for event, count in Counter(alarm.event.value for alarm in out.alarms).items():
         metrics.alarms.labels(event).inc(count)
+    for outcome, count in out.verdicts.items():
+        metrics.verdicts.labels(outcome).inc(count)
+    for status, count in Counter(
+        str(change.state.status or "none") for change in out.setpoints
+    ).items():
+        metrics.setpoint_changes.labels(status).inc(count)
 
 
 def timed(
@@ -89,6 +100,7 @@ def build_flow(
     deadletter_source: Source[Batch],
     questdb_sink: Sink[TableBatch],
     kafka_sink: Sink[KafkaRecord],
+    control_source: Source[ControlItem] | None = None,
     detector: DetectorConfig | None = None,
     clock: Callable[[], int] = _wall_ms,
 ) -> Dataflow:
@@ -100,11 +112,18 @@ def build_flow(
     config = detector or settings.detection.detector_config()
     topics = settings.topics
     tables = table_specs(settings.questdb.table_prefix)
+    back_channel = control_source is not None
 
     def step(
-        state: PartitionTwins | None, messages: Sequence[InputMessage]
+        state: PartitionTwins | None, messages: Sequence[InputMessage] | ControlBatch
     ) -> tuple[PartitionTwins, StepOutput]:
-        twins = state or PartitionTwins(model, settings.flow, config)
+        if state is None:
+            twins = PartitionTwins(model, settings.flow, config, back_channel=back_channel)
+        else:
+            twins = state
+            if twins.model is not model:
+                # Restored from a snapshot: run on with this start's model and settings.
+                twins.adopt(model, settings.flow)
         now_ms = clock()
         with metrics.step_seconds.labels("twins").time():
             out = twins.step(messages, now_ms)
@@ -113,7 +132,10 @@ def build_flow(
 
     flow = Dataflow("twinflow")
     raw = op.input("raw_in", flow, raw_source)
-    stepped = op.stateful_map("twins", raw, step)
+    inputs = cast(Stream[tuple[str, Sequence[InputMessage] | ControlBatch]], raw)
+    if control_source is not None:
+        inputs = op.merge("raw_and_control", raw, op.input("control_in", flow, control_source))
+    stepped = op.stateful_map("twins", inputs, step)
     rows = op.flat_map("to_tables", stepped, timed("to_tables", table_batches, tables))
     records = op.flat_map("to_records", stepped, timed("to_records", kafka_records, topics))
     letters = op.input("deadletters_in", flow, deadletter_source)

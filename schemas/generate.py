@@ -22,7 +22,10 @@ OUTPUT_TOPICS: dict[str, tuple[Any, str]] = {
     "alarm": (Alarm, "twin.alarms (key = entity_id)"),
     "late_reading": (LateReading, "twin.late (key = entity_id)"),
     "feedback": (Feedback, "twin.feedback (key = entity_id)"),
-    "command": (Command | CommandResult, "twin.commands (key = entity_id; kind = command | result)"),
+    "command": (
+        Command | CommandResult,
+        "twin.commands (key = entity_id; kind = command | result)",
+    ),
 }
 
 

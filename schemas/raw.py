@@ -38,6 +38,7 @@ class Reason(StrEnum):
     UNKNOWN_ENTITY = "unknown_entity"
     ENTITY_MISMATCH = "entity_mismatch"
     UNKNOWN_SENSOR = "unknown_sensor"
+    UNKNOWN_SETPOINT = "unknown_setpoint"
     BAD_UNIT = "bad_unit"
     OUT_OF_RANGE = "out_of_range"
     TS_TOO_OLD = "ts_too_old"

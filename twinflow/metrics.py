@@ -64,8 +64,20 @@ window_close_lag = Histogram(
 anomalies = Counter("twinflow_anomalies", "Windows scored above their entity's threshold")
 alarms = Counter(
     "twinflow_alarms",
-    "Alarm transitions sent to twin.alarms, by event (raised, cleared, rebaselined)",
+    "Alarm transitions sent to twin.alarms, by event (raised, cleared, rebaselined, "
+    "acknowledged, confirmed, rejected)",
     ["event"],
+)
+verdicts = Counter(
+    "twinflow_verdicts",
+    "Operator verdicts (twin.feedback) taken by the partition holding the alarm's entity: "
+    "applied (changed the alarm) or ignored (ended alarm, another alarm, a repeat)",
+    ["outcome"],
+)
+setpoint_changes = Counter(
+    "twinflow_setpoint_changes",
+    "Changes of a setpoint's desired or reported value or status, by the status after it",
+    ["status"],
 )
 step_seconds = Histogram(
     "twinflow_step_seconds",

@@ -17,6 +17,7 @@ from bytewax.recovery import (
 )
 from bytewax.run import cli_main
 
+from connectors.control_source import BackChannelSource
 from connectors.kafka import ensure_topics
 from connectors.kafka_sink import KafkaOutputSink
 from connectors.kafka_source import KafkaBatchSource
@@ -27,7 +28,7 @@ from twinflow.errors import ConfigError, TwinflowError
 from twinflow.metrics import serving
 from twinflow.settings import Settings
 from twinflow.tables import tables
-from twinflow.topics import ingest_topics, output_topics
+from twinflow.topics import control_topics, ingest_topics, output_topics
 from twinflow.twin import IncompatibleSnapshotError
 from twinflow.twin_model import TwinModel
 
@@ -38,8 +39,10 @@ RECOVERY_PARTITIONS = 4
 
 def prepare_outputs(settings: Settings) -> None:
     """Create the flow's topics and tables; extend older tables, refuse mismatched ones."""
+    topics = settings.topics
     ensure_topics(
-        settings.kafka, [*ingest_topics(settings.topics), *output_topics(settings.topics)]
+        settings.kafka,
+        [*ingest_topics(topics), *output_topics(topics), *control_topics(topics)],
     )
     sql = QuestDBHttp(settings.questdb)
     for spec in tables(settings.questdb.table_prefix).all():
@@ -90,6 +93,12 @@ def run_flow(
             ),
             deadletter_source=KafkaBatchSource(
                 settings.kafka, settings.topics.deadletter, settings.flow.batch_size
+            ),
+            control_source=BackChannelSource(
+                settings.kafka,
+                settings.topics.raw,
+                settings.topics.feedback,
+                settings.topics.commands,
             ),
             questdb_sink=QuestDBSink(settings.questdb),
             kafka_sink=KafkaOutputSink(settings.kafka),

@@ -101,6 +101,10 @@ ALARMS = TableSpec(
         ("anomalous_windows", "LONG"),
         ("top_sensors", "VARCHAR"),
         ("explanation", "VARCHAR"),
+        ("acknowledged", "BOOLEAN"),
+        ("verdict", "SYMBOL"),
+        ("operator", "SYMBOL"),
+        ("note", "VARCHAR"),
     ),
     # The transition's event time; ``end`` (an SQL keyword: write it "end") is NULL
     # while the alarm is active.
@@ -109,6 +113,24 @@ ALARMS = TableSpec(
     dedup_keys=("ts", "entity", "start", "event"),
 )
 
+SETPOINTS = TableSpec(
+    name="setpoints",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("setpoint", "SYMBOL"),
+        ("status", "SYMBOL"),
+        ("desired", "DOUBLE"),
+        ("reported", "DOUBLE"),
+        ("command_id", "VARCHAR"),
+        ("expires", "TIMESTAMP"),
+        ("detail", "VARCHAR"),
+    ),
+    # Kafka time of the command, result or report that changed the setpoint; a bool
+    # setpoint is 1.0 / 0.0. Status is empty while no command was sent.
+    timestamp="ts",
+    dedup_keys=("ts", "entity", "setpoint", "status"),
+)
 DEADLETTERS = TableSpec(
     name="deadletters",
     columns=(
@@ -141,6 +163,7 @@ class Tables:
     anomalies: TableSpec
     alarms: TableSpec
     deadletters: TableSpec
+    setpoints: TableSpec
 
     def all(self) -> tuple[TableSpec, ...]:
         """Every table, in creation order."""
@@ -153,5 +176,5 @@ def tables(prefix: str = "") -> Tables:
     >>> tables("t1_").readings.name
     't1_readings'
     """
-    specs = (READINGS, SENSOR_WINDOWS, TWIN_STATE, ANOMALIES, ALARMS, DEADLETTERS)
+    specs = (READINGS, SENSOR_WINDOWS, TWIN_STATE, ANOMALIES, ALARMS, DEADLETTERS, SETPOINTS)
     return Tables(*(dataclasses.replace(spec, name=prefix + spec.name) for spec in specs))

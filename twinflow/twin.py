@@ -36,7 +36,7 @@ from typing import Any, overload
 import numpy as np
 import numpy.typing as npt
 
-from schemas import deadletter
+from schemas import control, deadletter
 from schemas.outputs import (
     Alarm,
     Anomaly,
@@ -45,15 +45,18 @@ from schemas.outputs import (
     LateReading,
     SensorState,
     SensorWindow,
+    SetpointChange,
     TwinState,
 )
-from schemas.raw import Reason, SchemaError, decode_raw
+from schemas.raw import RawMessage, Reason, SchemaError, decode_raw
 from twinflow.cleaning import SeriesCleaning, batch_parameters
 from twinflow.detection import DetectorConfig, EntityMonitor
 from twinflow.errors import TwinflowError
+from twinflow.merge import ControlBatch, ControlMessage, Merge, RawRun
+from twinflow.setpoints import Setpoint
 from twinflow.settings import FlowSettings
 from twinflow.state import StatusMachine
-from twinflow.twin_model import SensorSpec, TwinModel
+from twinflow.twin_model import SensorSpec, SetpointSpec, SetpointValue, TwinModel
 from twinflow.windows import (
     ClosedSeriesWindow,
     Floats,
@@ -195,6 +198,10 @@ class StepOutput:
     """Every alarm transition (raised, cleared, re-baselined), in closing order."""
     late: list[LateReading] = field(default_factory=list)
     dead_letters: list[deadletter.DeadLetter] = field(default_factory=list)
+    setpoints: list[SetpointChange] = field(default_factory=list)
+    """Every change of a setpoint's desired or reported value or status."""
+    verdicts: dict[str, int] = field(default_factory=dict)
+    """Operator verdicts taken here, by outcome (``applied``: it changed the alarm)."""
 
 
 @dataclass
@@ -275,11 +282,23 @@ class _Decoded:
     value: list[float] = field(default_factory=list)
     converted: list[int] = field(default_factory=list)
     """Readings (by position) given in another unit than the canonical one."""
+    reports: dict[int, list[_Report]] = field(default_factory=dict)
+    """Valid setpoint reports per entity index, in message order, not yet applied."""
 
 
-STATE_VERSION = 2
-"""The layout of a :class:`PartitionTwins` snapshot. 2: the detector with time scales,
-cycles, operating points and alarms; 1 (no version recorded): the single-scale one."""
+@dataclass(frozen=True, slots=True)
+class _Report:
+    message: int
+    name: str
+    spec: SetpointSpec
+    value: SetpointValue
+    at_ms: int
+
+
+STATE_VERSION = 3
+"""The layout of a :class:`PartitionTwins` snapshot. 3: with the back channel's merge and
+setpoints; 2: the detector with time scales, cycles, operating points and alarms; 1 (no
+version recorded): the single-scale one."""
 
 
 class IncompatibleSnapshotError(TwinflowError):
@@ -287,9 +306,22 @@ class IncompatibleSnapshotError(TwinflowError):
 
 
 class PartitionTwins:
-    """The state of one partition's step: picklable, so recovery can snapshot it."""
+    """The state of one partition's step: picklable, so recovery can snapshot it.
 
-    def __init__(self, model: TwinModel, flow: FlowSettings, detector: DetectorConfig) -> None:
+    With ``back_channel`` the step also takes :class:`~twinflow.merge.ControlBatch` items
+    (operator verdicts, commands and their results) and merges them with the raw
+    messages by Kafka time (:mod:`twinflow.merge`); raw messages then wait until the back
+    channel's progress covers them.
+    """
+
+    def __init__(
+        self,
+        model: TwinModel,
+        flow: FlowSettings,
+        detector: DetectorConfig,
+        *,
+        back_channel: bool = False,
+    ) -> None:
         self.state_version = STATE_VERSION
         self.model = model
         self.flow = flow
@@ -303,6 +335,10 @@ class PartitionTwins:
         self._live_ms = 0
         """System time this partition's step has been live, stalls capped."""
         self._last_step_wall_ms: int | None = None
+        self._merge = Merge(gated=back_channel)
+        self._setpoints: dict[str, dict[str, Setpoint]] = {}
+        """Per entity of the model (held here or not: a command may come before its
+        machine's first reading), per setpoint."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         version = state.get("state_version", 1)
@@ -320,6 +356,30 @@ class PartitionTwins:
         self.__dict__.setdefault("_live_ms", 0)
         self._last_step_wall_ms = None
 
+    def adopt(self, model: TwinModel, flow: FlowSettings) -> None:
+        """Run on with the entrypoint's twin model and flow settings (after a restart).
+
+        A snapshot holds the model and settings it was taken with; a restart after a
+        fix (an entity added so its dead letters can be replayed, a sensor's range
+        widened) must use the new ones. Sensors an asset type gained are added to the
+        entities already known; a removed sensor or entity stays known to the twins
+        that have seen it, and window length and lateness stay as they were (open
+        windows depend on them), until a fresh recovery store.
+        """
+        self.model, self.flow = model, flow
+        series = self._series
+        for twin in self._twins:
+            entity = model.by_id.get(twin.entity_id)
+            if entity is None:
+                continue
+            for sensor, spec in model.asset_types[entity.type].sensors.items():
+                code = twin.series.get(sensor)
+                if code is None:
+                    twin.series[sensor] = series.add(twin.index, twin.entity_id, sensor, spec)
+                else:
+                    series.specs[code] = spec
+        series.columns = None
+
     def _advance(self, now_ms: int) -> int:
         if self._last_step_wall_ms is not None:
             self._live_ms += min(max(now_ms - self._last_step_wall_ms, 0), MAX_STEP_GAP_MS)
@@ -333,14 +393,157 @@ class PartitionTwins:
             return []
         return self._windows.starts(np.asarray(list(twin.series.values()), dtype=np.int64))
 
-    def step(self, messages: Sequence[InputMessage], now_ms: int) -> StepOutput:
-        """Process a batch of one partition's messages, in offset order."""
+    def step(self, messages: Sequence[InputMessage] | ControlBatch, now_ms: int) -> StepOutput:
+        """Process a batch of the partition's messages (offset order) or of the back channel.
+
+        What is processed is what the merge lets through (see :mod:`twinflow.merge`).
+        """
         out = StepOutput()
         live_ms = self._advance(now_ms)
-        if messages:
-            self._readings(messages, self._decode(messages, live_ms, out), out)
+        merge = self._merge
+        reports = False
+        if isinstance(messages, ControlBatch):
+            merge.add_control(messages)
+            out.dead_letters.extend(messages.dead_letters)
+            reports = messages.reports
+        else:
+            batch = MessageBatch.of(messages)
+            merge.add_raw(
+                batch.topic,
+                batch.partition,
+                batch.offsets,
+                batch.timestamps_ms,
+                batch.values,
+                now_ms,
+            )
+        for part in merge.ready():
+            if isinstance(part, RawRun):
+                run = MessageBatch(
+                    part.topic, part.partition, part.offsets, part.timestamps_ms, part.values
+                )
+                self._readings(run, self._decode(run, live_ms, out), out)
+            else:
+                self._control(part, reports, out)
+        self._expire(merge.clock_ms, out)
         self._idle(live_ms, out)
         return out
+
+    # -- the back channel ----------------------------------------------------------------
+
+    def _control(self, item: ControlMessage, reports: bool, out: StepOutput) -> None:
+        message = item.message
+        if isinstance(message, control.Feedback):
+            twin = self.entities.get(message.entity_id)
+            if twin is None:
+                return
+            alarms = twin.monitor.feedback(
+                message.alarm_id, message.verdict, message.user, message.note
+            )
+            outcome = "applied" if alarms else "ignored"
+            out.verdicts[outcome] = out.verdicts.get(outcome, 0) + 1
+            out.alarms.extend(alarms)
+            return
+        entity = self.model.by_id.get(message.entity_id)
+        specs = {} if entity is None else self.model.setpoints_of(entity.id)
+        spec = specs.get(message.setpoint)
+        if isinstance(message, control.Command):
+            problem = (
+                f"no entity {message.entity_id!r}"
+                if entity is None
+                else f"{entity.type} has no setpoint {message.setpoint!r}"
+                if spec is None
+                else spec.check(message.value)
+            )
+            if problem is not None:
+                if reports:
+                    reason = (
+                        Reason.UNKNOWN_ENTITY
+                        if entity is None
+                        else Reason.UNKNOWN_SETPOINT
+                        if spec is None
+                        else Reason.OUT_OF_RANGE
+                    )
+                    out.dead_letters.append(_control_dead_letter(item, reason, problem))
+                return
+        if entity is None or spec is None:
+            return
+        setpoint = self._setpoints.setdefault(entity.id, {}).setdefault(
+            message.setpoint, Setpoint()
+        )
+        changed = (
+            setpoint.command(spec, message, item.timestamp_ms)
+            if isinstance(message, control.Command)
+            else setpoint.result(message)
+        )
+        if changed:
+            self._setpoint_changed(entity.id, message.setpoint, setpoint, item.timestamp_ms, out)
+
+    def _reported(
+        self,
+        twin: EntityTwin,
+        raw: RawMessage,
+        message: InputMessage,
+        i: int,
+        decoded: _Decoded,
+        out: StepOutput,
+    ) -> int:
+        """Check the setpoint values message ``i`` reports; the dead letters it caused.
+
+        The valid ones wait in ``decoded`` until the twin state reaches that message
+        (:meth:`_take_reports`), so a state shows what was reported before it only.
+        """
+        assert raw.reported is not None
+        specs = self.model.setpoints_of(twin.entity_id)
+        refused = 0
+        for name, value in raw.reported.items():
+            spec = specs.get(name)
+            if spec is None:
+                problem = (Reason.UNKNOWN_SETPOINT, f"reported setpoint {name!r}")
+            elif isinstance(value, bool) != (spec.type == "bool"):
+                problem = (Reason.SCHEMA, f"reported {name}: expected {spec.allowed()}")
+            else:
+                decoded.reports.setdefault(twin.index, []).append(
+                    _Report(i, name, spec, value, message.timestamp_ms)
+                )
+                continue
+            refused += 1
+            out.dead_letters.append(message.dead_letter(*problem, twin.entity_id))
+        return refused
+
+    def _take_reports(
+        self, decoded: _Decoded, entity: int, until: int | None, out: StepOutput
+    ) -> None:
+        """Apply the entity's reports of messages up to ``until`` (None: all)."""
+        reports = decoded.reports.get(entity)
+        if not reports:
+            return
+        entity_id = self._twins[entity].entity_id
+        setpoints = self._setpoints.setdefault(entity_id, {})
+        taken = 0
+        for report in reports:
+            if until is not None and report.message > until:
+                break
+            taken += 1
+            setpoint = setpoints.setdefault(report.name, Setpoint())
+            if setpoint.report(report.spec, report.value, report.at_ms):
+                self._setpoint_changed(entity_id, report.name, setpoint, report.at_ms, out)
+        del reports[:taken]
+
+    def _expire(self, clock_ms: int, out: StepOutput) -> None:
+        """Expire the pending commands of this partition's machines the merge has passed."""
+        for entity_id in self.entities:
+            for name, setpoint in self._setpoints.get(entity_id, {}).items():
+                if setpoint.expire(clock_ms):
+                    assert setpoint.expires_ms is not None
+                    # At its expiry, not at the clock: the same on every run.
+                    self._setpoint_changed(entity_id, name, setpoint, setpoint.expires_ms, out)
+
+    def _setpoint_changed(
+        self, entity_id: str, name: str, setpoint: Setpoint, at_ms: int, out: StepOutput
+    ) -> None:
+        # Every partition keeps every machine's commands; the one holding the machine tells.
+        if entity_id in self.entities:
+            out.setpoints.append(SetpointChange(entity_id, name, at_ms, setpoint.state()))
 
     # -- per message -------------------------------------------------------------------
 
@@ -405,6 +608,10 @@ class PartitionTwins:
                 out.dead_letters.append(batch[i].dead_letter(reason, f"ts {ts_ms} ms", entity.id))
                 continue
             decoded.msg_ts[i] = ts_ms
+            if raw.reported:
+                decoded.dead_letters[i] += self._reported(twin, raw, batch[i], i, decoded, out)
+            if raw.values is None and raw.sensor is None:
+                continue
             if raw.quality in _BAD_QUALITY:
                 decoded.msg_flags[i] = Flag.SOURCE_BAD
             values = raw.values if raw.values is not None else {raw.sensor: raw.value}
@@ -548,12 +755,25 @@ class PartitionTwins:
             }
 
         watermarks = newest_after - self._lateness_ms
+
+        def reach(entity: int, at: int) -> None:
+            """Bring the entity's setpoints to where they stood at message ``at``."""
+            self._take_reports(decoded, entity, at, out)
+            twin_id = twins[entity].entity_id
+            for name, setpoint in self._setpoints.get(twin_id, {}).items():
+                if setpoint.expire(messages[at].timestamp_ms):
+                    assert setpoint.expires_ms is not None
+                    self._setpoint_changed(twin_id, name, setpoint, setpoint.expires_ms, out)
+
         self._emit(
             closing,
             lambda entity, end: by_entity.first_reaching(entity, watermarks, end),
             counts_at,
             out,
+            reach,
         )
+        for entity in list(decoded.reports):
+            self._take_reports(decoded, entity, None, out)
         for entity, at in by_entity.last_messages().items():
             twins[entity].counts.update(counts_at(entity, at))
 
@@ -590,8 +810,12 @@ class PartitionTwins:
         closed_at: Callable[[int, int], int],
         counts_at: Callable[[int, int], dict[str, int]],
         out: StepOutput,
+        reach: Callable[[int, int], None] | None = None,
     ) -> None:
-        """Turn closed readings into windows, detections and states, in closing order."""
+        """Turn closed readings into windows, detections and states, in closing order.
+
+        ``reach(entity, at)`` runs before a window closes at message ``at``.
+        """
         if not len(closing):
             return
         cols = self._series
@@ -604,6 +828,8 @@ class PartitionTwins:
             for entity, start in grouped
         )
         for at, entity, start in events:
+            if reach is not None:
+                reach(entity, at)
             self._close_window(
                 self._twins[entity], start, grouped[entity, start], counts_at(entity, at), out
             )
@@ -696,7 +922,8 @@ class PartitionTwins:
 
     def _state(self, twin: EntityTwin, ts_ms: int, msg_id: str) -> TwinState:
         latest = {sensor: state.value for sensor, state in twin.sensors.items()}
-        derived = self.model.asset_types[self.model.by_id[twin.entity_id].type].derived
+        entity = self.model.by_id.get(twin.entity_id)
+        derived = {} if entity is None else self.model.asset_types[entity.type].derived
         return TwinState(
             msg_id=msg_id,
             entity_id=twin.entity_id,
@@ -709,7 +936,24 @@ class PartitionTwins:
             derived={name: metric.evaluate(latest) for name, metric in derived.items()},
             counts=Counts(**twin.counts),
             active_alarms=twin.monitor.alarms.active_ids,
+            setpoints={
+                name: setpoint.state()
+                for name, setpoint in sorted(self._setpoints.get(twin.entity_id, {}).items())
+            },
         )
+
+
+def _control_dead_letter(
+    item: ControlMessage, reason: Reason, detail: str
+) -> deadletter.DeadLetter:
+    return deadletter.dead_letter(
+        control.encode(item.message),
+        reason,
+        detail,
+        deadletter.Source(kind="kafka", topic=item.topic, partition=0, offset=item.offset),
+        datetime.fromtimestamp(item.timestamp_ms / 1000, UTC),
+        entity_id=item.message.entity_id,
+    )
 
 
 class _EntityMessages:

@@ -200,7 +200,8 @@ class SetpointSpec(_Strict):
             return "true or false"
         assert self.range is not None
         unit = f" {self.unit}" if self.unit else ""
-        return f"{'an integer' if self.type == 'int' else 'a number'} in [{self.range[0]:g}, {self.range[1]:g}]{unit}"
+        kind = "an integer" if self.type == "int" else "a number"
+        return f"{kind} in [{self.range[0]:g}, {self.range[1]:g}]{unit}"
 
     def check(self, value: object) -> str | None:
         """Why ``value`` is not allowed, or None when it is.

@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 
 from schemas import outputs
+from schemas.control import Verdict
 from schemas.deadletter import FULL_PAYLOAD_LIMIT, Source, dead_letter, encode
 from schemas.outputs import Alarm, AlarmEvent, Counts, SensorState, Status, TwinState
 from schemas.raw import Reason, SchemaError, decode_raw
@@ -107,9 +108,17 @@ def _monitored_alarms() -> list[Alarm]:
         ),
     )
     levels = [100.0 + i % 3 for i in range(80)] + [140.0] * 4 + [101.0] * 4 + [180.0] * 20
-    alarms = []
+    levels += [60.0] * 4
+    # The first alarm is acknowledged; the third confirmed, then rejected.
+    verdicts = {1: [Verdict.ACK], 3: [Verdict.CONFIRM, Verdict.REJECT]}
+    alarms: list[Alarm] = []
     for i, flow in enumerate(levels):
-        alarms += monitor.process({"flow.mean": flow}, i * 10_000, (i + 1) * 10_000).alarms
+        for alarm in monitor.process({"flow.mean": flow}, i * 10_000, (i + 1) * 10_000).alarms:
+            alarms.append(alarm)
+            if alarm.event is AlarmEvent.RAISED:
+                raised = sum(a.event is AlarmEvent.RAISED for a in alarms)
+                for verdict in verdicts.get(raised, []):
+                    alarms += monitor.feedback(alarm.alarm_id, verdict, "ann", "seen")
     return alarms
 
 
@@ -121,7 +130,7 @@ def test_alarm_messages_match_their_schema() -> None:
         jsonschema.validate(document, ALARM)
         assert (document["end_ms"] is None) == document["active"]
     assert any(json.loads(outputs.encode(alarm))["contributions"] for alarm in alarms)
-    for wrong in ({"event": "acknowledged"}, {"end_ms": "later"}, {"version": 2}):
+    for wrong in ({"event": "snoozed"}, {"end_ms": "later"}, {"version": 2}):
         document = {**json.loads(outputs.encode(alarms[0])), **wrong}
         assert not jsonschema.Draft202012Validator(ALARM).is_valid(document), wrong
 

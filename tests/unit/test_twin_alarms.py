@@ -160,6 +160,6 @@ def test_a_silent_entity_goes_stale_still_naming_its_active_alarm() -> None:
 def test_a_snapshot_of_another_state_layout_is_refused_with_the_fix() -> None:
     twins, _out = _run(len(MESSAGES), MESSAGES[:700])
     older = pickle.dumps(twins).replace(b"state_version", b"state_versiom")  # none recorded
-    with pytest.raises(IncompatibleSnapshotError, match="layout 1, this twinflow keeps layout 2"):
+    with pytest.raises(IncompatibleSnapshotError, match="layout 1, this twinflow keeps layout 3"):
         pickle.loads(older)
-    assert pickle.loads(pickle.dumps(twins)).state_version == 2
+    assert pickle.loads(pickle.dumps(twins)).state_version == 3
