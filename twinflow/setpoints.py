@@ -92,7 +92,10 @@ class Setpoint:
         return True
 
     def report(self, spec: SetpointSpec, value: SetpointValue, at_ms: int) -> bool:
-        """Take the value the machine reports (in a message of Kafka time ``at_ms``)."""
+        """Take the value the machine reports (in a message of Kafka time ``at_ms``).
+
+        A pending command past its expiry must be expired (:meth:`expire`) first.
+        """
         changed = value != self.reported or type(value) is not type(self.reported)
         self.reported = value
         self.reported_ms = at_ms
@@ -100,9 +103,7 @@ class Setpoint:
             return changed
         before = self.status
         agree = spec.in_sync(self.desired, value)
-        if self.status is SetpointStatus.PENDING and not agree:
-            self.expire(at_ms)
-        elif agree:
+        if agree:
             self.status = SetpointStatus.IN_SYNC
         elif self.status is SetpointStatus.IN_SYNC:
             self.status = SetpointStatus.OUT_OF_SYNC

@@ -339,6 +339,8 @@ class PartitionTwins:
         self._setpoints: dict[str, dict[str, Setpoint]] = {}
         """Per entity of the model (held here or not: a command may come before its
         machine's first reading), per setpoint."""
+        self._reports = False
+        """Whether this partition reports refused commands (one of them does)."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         version = state.get("state_version", 1)
@@ -401,11 +403,10 @@ class PartitionTwins:
         out = StepOutput()
         live_ms = self._advance(now_ms)
         merge = self._merge
-        reports = False
         if isinstance(messages, ControlBatch):
             merge.add_control(messages)
             out.dead_letters.extend(messages.dead_letters)
-            reports = messages.reports
+            self._reports = self._reports or messages.reports
         else:
             batch = MessageBatch.of(messages)
             merge.add_raw(
@@ -423,14 +424,14 @@ class PartitionTwins:
                 )
                 self._readings(run, self._decode(run, live_ms, out), out)
             else:
-                self._control(part, reports, out)
+                self._control(part, out)
         self._expire(merge.clock_ms, out)
         self._idle(live_ms, out)
         return out
 
     # -- the back channel ----------------------------------------------------------------
 
-    def _control(self, item: ControlMessage, reports: bool, out: StepOutput) -> None:
+    def _control(self, item: ControlMessage, out: StepOutput) -> None:
         message = item.message
         if isinstance(message, control.Feedback):
             twin = self.entities.get(message.entity_id)
@@ -455,7 +456,7 @@ class PartitionTwins:
                 else spec.check(message.value)
             )
             if problem is not None:
-                if reports:
+                if self._reports:
                     reason = (
                         Reason.UNKNOWN_ENTITY
                         if entity is None
@@ -525,6 +526,7 @@ class PartitionTwins:
                 break
             taken += 1
             setpoint = setpoints.setdefault(report.name, Setpoint())
+            self._expire_one(entity_id, report.name, setpoint, report.at_ms, out)
             if setpoint.report(report.spec, report.value, report.at_ms):
                 self._setpoint_changed(entity_id, report.name, setpoint, report.at_ms, out)
         del reports[:taken]
@@ -533,10 +535,20 @@ class PartitionTwins:
         """Expire the pending commands of this partition's machines the merge has passed."""
         for entity_id in self.entities:
             for name, setpoint in self._setpoints.get(entity_id, {}).items():
-                if setpoint.expire(clock_ms):
-                    assert setpoint.expires_ms is not None
-                    # At its expiry, not at the clock: the same on every run.
-                    self._setpoint_changed(entity_id, name, setpoint, setpoint.expires_ms, out)
+                self._expire_one(entity_id, name, setpoint, clock_ms, out)
+
+    def _expire_one(
+        self, entity_id: str, name: str, setpoint: Setpoint, now_ms: int, out: StepOutput
+    ) -> None:
+        """Expire a pending command whose expiry ``now_ms`` has passed.
+
+        Checked before each report and each window's state, and by the merge's clock, so
+        the state it leaves (reports up to the expiry) is the same on every run.
+        """
+        if setpoint.expire(now_ms):
+            assert setpoint.expires_ms is not None
+            # At its expiry, not at the time noticed: the same on every run.
+            self._setpoint_changed(entity_id, name, setpoint, setpoint.expires_ms, out)
 
     def _setpoint_changed(
         self, entity_id: str, name: str, setpoint: Setpoint, at_ms: int, out: StepOutput
@@ -761,9 +773,7 @@ class PartitionTwins:
             self._take_reports(decoded, entity, at, out)
             twin_id = twins[entity].entity_id
             for name, setpoint in self._setpoints.get(twin_id, {}).items():
-                if setpoint.expire(messages[at].timestamp_ms):
-                    assert setpoint.expires_ms is not None
-                    self._setpoint_changed(twin_id, name, setpoint, setpoint.expires_ms, out)
+                self._expire_one(twin_id, name, setpoint, messages[at].timestamp_ms, out)
 
         self._emit(
             closing,
