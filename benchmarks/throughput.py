@@ -540,6 +540,9 @@ def twinflow_env(
         TWINFLOW_TOPICS__ANOMALIES=f"bench.anomalies.{prefix}",
         TWINFLOW_TOPICS__LATE=f"bench.late.{prefix}",
         TWINFLOW_TOPICS__ALARMS=f"bench.alarms.{prefix}",
+        # The back channel goes with the input: runs over the same raw topic share it.
+        TWINFLOW_TOPICS__FEEDBACK=f"{raw_topic}.feedback",
+        TWINFLOW_TOPICS__COMMANDS=f"{raw_topic}.commands",
         TWINFLOW_TOPICS__RAW_PARTITIONS=str(partitions),
         TWINFLOW_QUESTDB__TABLE_PREFIX=prefix,
         TWINFLOW_FLOW__RECOVERY_DIR=str(recovery_dir),

@@ -30,7 +30,7 @@ from twinflow.settings import KafkaSettings
 log = logging.getLogger("twinflow.source.control")
 _PART = "back-channel"
 _IDLE_POLL_S = 0.05
-_WATERMARK_TIMEOUT_S = 0.5
+_WATERMARK_TIMEOUT_S = 1.0
 _NEVER_MS = -(2**62)
 
 Item = tuple[str, ControlBatch]
@@ -93,6 +93,9 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
                     "enable.auto.offset.store": False,
                     "auto.offset.reset": "earliest",
                     "fetch.min.bytes": 1,
+                    # The watermark queries that tell "caught up" wait behind an empty
+                    # fetch's long poll on the same connection; keep that poll short.
+                    "fetch.wait.max.ms": 50,
                 },
             )
         )

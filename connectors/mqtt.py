@@ -34,6 +34,17 @@ def session_properties(session_expiry_s: int, receive_maximum: int | None = None
     return properties
 
 
+def message_expiry(seconds: int) -> Properties:
+    """PUBLISH properties that let the broker drop the message after ``seconds`` (>= 1).
+
+    A broker holding it for an offline subscriber throws it away when it expires
+    instead of handing a stale command to a machine that comes back later.
+    """
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.MessageExpiryInterval = max(1, seconds)
+    return properties
+
+
 def login_refused(reason: ReasonCode | int) -> bool:
     """Whether a CONNACK ``reason`` says the broker refused the client's credentials.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import signal
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from schemas.outputs import SetpointStatus
 from twinflow import smoke
 from twinflow.errors import ConfigError, TwinflowError
 from twinflow.services import manager
@@ -196,6 +198,166 @@ def bridge_opcua(model: ModelOption = None) -> None:
 
     settings, twin = _settings(), _model(model)
     _until_interrupted(lambda stop: opcua_bridge.run(settings, twin, stop))
+
+
+alarms_app = typer.Typer(
+    help="List the twin's alarms (from QuestDB); ack, confirm or reject one.",
+    invoke_without_command=True,
+)
+app.add_typer(alarms_app, name="alarms")
+UserOption = Annotated[
+    str | None, typer.Option("--user", help="who is acting (default: the login name)")
+]
+
+
+@alarms_app.callback()
+def alarms(
+    ctx: typer.Context,
+    active: Annotated[bool, typer.Option("--active", help="only the active alarms")] = False,
+    entity: Annotated[str | None, typer.Option("--entity", help="one entity's alarms")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List alarms, one line each, oldest first."""
+    from twinflow import operations
+
+    if ctx.invoked_subcommand is not None:
+        return
+    found = operations.list_alarms(_settings(), active_only=active, entity_id=entity)
+    if as_json:
+        out.print_json(json.dumps(operations.table_rows(found)))
+        return
+    table = Table(title=f"{'active ' if active else ''}alarms")
+    for column in ("alarm", "state", "since", "last event", "peak", "sensors", "verdict"):
+        table.add_column(column)
+    for alarm in found:
+        verdict = alarm.verdict or ("acknowledged" if alarm.acknowledged else "-")
+        table.add_row(
+            alarm.alarm_id,
+            "[red]active[/]" if alarm.active else "ended",
+            operations.short_time(alarm.start),
+            f"{alarm.last_event} {operations.short_time(alarm.last_ts)}",
+            f"{alarm.peak_score:.1f}",
+            alarm.top_sensors,
+            verdict + (f" by {alarm.operator}" if alarm.operator else ""),
+        )
+    out.print(table)
+
+
+def _judge(alarm_id: str, verdict: str, note: str, user: str | None) -> None:
+    from schemas.control import Verdict
+    from twinflow import operations
+
+    sent = operations.send_verdict(
+        _settings(), alarm_id, Verdict(verdict), user or getpass.getuser(), note
+    )
+    out.print(f"sent {verdict} for {alarm_id} as {sent.user} (feedback {sent.feedback_id})")
+
+
+NoteOption = Annotated[str, typer.Option("--note", help="why, for the alarm's record")]
+
+
+@alarms_app.command("ack")
+def alarms_ack(alarm_id: str, note: NoteOption = "", user: UserOption = None) -> None:
+    """Acknowledge an active alarm: someone is on it."""
+    _judge(alarm_id, "ack", note, user)
+
+
+@alarms_app.command("confirm")
+def alarms_confirm(alarm_id: str, note: NoteOption = "", user: UserOption = None) -> None:
+    """Confirm an active alarm as a true fault: never learned, never re-baselined."""
+    _judge(alarm_id, "confirm", note, user)
+
+
+@alarms_app.command("reject")
+def alarms_reject(alarm_id: str, note: NoteOption = "", user: UserOption = None) -> None:
+    """Reject an active alarm as false: it ends and the model learns the level as normal."""
+    _judge(alarm_id, "reject", note, user)
+
+
+@app.command()
+def command(
+    entity: str,
+    setpoint: str,
+    value: str,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="exit 0 once the twin reports it in sync, else 1")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds --wait waits")] = 90.0,
+    expires: Annotated[
+        float, typer.Option(help="seconds after which the command must not be applied")
+    ] = 60.0,
+    model: ModelOption = None,
+    user: UserOption = None,
+) -> None:
+    """Set a machine's setpoint through its twin (checked against the twin model first)."""
+    from twinflow import operations
+
+    settings, twin = _settings(), _model(model)
+    sent = operations.make_command(
+        twin, entity, setpoint, value, user or getpass.getuser(), expires
+    )
+    follower = operations.state_follower(settings) if wait else None
+    try:
+        operations.send_command(settings, sent)
+        out.print(
+            f"sent {entity} {setpoint} = {sent.value} (command {sent.command_id}, "
+            f"expires in {expires:g} s)"
+        )
+        if follower is None:
+            return
+        state = operations.wait_for_command(follower, sent, timeout)
+    finally:
+        if follower is not None:
+            follower.close()
+    if state is not None and state.status is SetpointStatus.IN_SYNC:
+        out.print(f"in sync: {entity} reports {setpoint} = {state.reported}")
+        return
+    status = "no twin state for it yet" if state is None else state.status
+    detail = f" ({state.detail})" if state is not None and state.detail else ""
+    err.print(f"not in sync after {timeout:g} s: {status}{detail}", highlight=False)
+    raise typer.Exit(1)
+
+
+deadletters_app = typer.Typer(help="Dead letters: rejected input.", no_args_is_help=True)
+app.add_typer(deadletters_app, name="deadletters")
+
+
+@deadletters_app.command("replay")
+def deadletters_replay(
+    reason: Annotated[
+        list[str] | None, typer.Option("--reason", help="only letters of this reason (repeatable)")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="only letters received since: RFC 3339 time, or 30m, 2h, 1d ago"),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report, send nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
+    model: ModelOption = None,
+) -> None:
+    """Re-send the original payloads of dead letters to the raw topic (after a fix)."""
+    from twinflow.deadletters import parse_since, replay_dead_letters
+
+    settings, twin = _settings(), _model(model)
+    report = replay_dead_letters(
+        settings,
+        twin,
+        reasons=set(reason or ()),
+        since=parse_since(since, datetime.now(UTC)) if since else None,
+        dry_run=dry_run,
+        progress=_progress,
+    )
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+        return
+    verb = "would re-send" if dry_run else "re-sent"
+    out.print(
+        f"{report.letters_read} dead letters read, {report.matching} matching: "
+        f"{verb} {report.resent}, {report.not_kept_whole} not kept whole, "
+        f"{report.repeats_skipped} repeats skipped"
+    )
+    for refused_reason, refused in sorted(report.still_refused.items()):
+        out.print(f"  still refused, {refused_reason}: {refused.count} (e.g. {refused.example})")
 
 
 @app.command()

@@ -383,7 +383,12 @@ class PartitionTwins:
         series.columns = None
 
     def _advance(self, now_ms: int) -> int:
-        if self._last_step_wall_ms is not None:
+        # Raw messages held longer than the back channel's usual second are waiting for
+        # it (a stalled source, a broker outage): that time is the pipeline's silence
+        # too, as the entities whose messages wait have not been heard yet.
+        held = self._merge.held
+        waiting = held is not None and now_ms - held.timestamps_ms[0] > MAX_STEP_GAP_MS
+        if self._last_step_wall_ms is not None and not waiting:
             self._live_ms += min(max(now_ms - self._last_step_wall_ms, 0), MAX_STEP_GAP_MS)
         self._last_step_wall_ms = now_ms
         return self._live_ms
@@ -401,7 +406,6 @@ class PartitionTwins:
         What is processed is what the merge lets through (see :mod:`twinflow.merge`).
         """
         out = StepOutput()
-        live_ms = self._advance(now_ms)
         merge = self._merge
         if isinstance(messages, ControlBatch):
             merge.add_control(messages)
@@ -417,6 +421,7 @@ class PartitionTwins:
                 batch.values,
                 now_ms,
             )
+        live_ms = self._advance(now_ms)
         for part in merge.ready():
             if isinstance(part, RawRun):
                 run = MessageBatch(

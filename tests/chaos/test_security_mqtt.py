@@ -1,6 +1,9 @@
 """Mosquitto with users and an ACL: the refusals a plant's broker must make.
 
-Every test runs its own broker (own state folder, free port), never the session's.
+Every test runs its own broker (own state folder, free port), never the session's, with
+the documented ACL (infra/mosquitto/acl.example) for its own topic prefix: machines
+publish only their own telemetry and read only their own commands, the bridge reads
+telemetry and publishes commands.
 """
 
 from __future__ import annotations
@@ -14,86 +17,108 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from confluent_kafka import Producer
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
+from connectors.kafka import client_config
 from connectors.mqtt import login_refused, new_client
+from schemas.control import Command, CommandResult, decode_command, encode
 from tests.helpers import (
     clean_env,
+    consume_all,
     isolated_settings,
     refusal_row,
     twinflow_cli,
     wait_for_line,
 )
+from twinflow.bridges.mqtt import MqttBridge
 from twinflow.services import manager
 from twinflow.services.provision import find_executable
 from twinflow.settings import KafkaSettings, MqttSettings, Settings
+from twinflow.twin_model import TwinModel
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 log = logging.getLogger("tests.chaos.security")
-EXAMPLE_MODEL = Path(__file__).resolve().parents[2] / "infra" / "twin-model" / "example-plant.yaml"
-BRIDGE_USER, OBSERVER_USER = "bridge", "observer"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_MODEL = ROOT / "infra" / "twin-model" / "example-plant.yaml"
+EXAMPLE_ACL = ROOT / "infra" / "mosquitto" / "acl.example"
+BRIDGE_USER, OBSERVER_USER = "twinflow-bridge", "observer"
+# Machines log in as their entity ids; both are pumps of site-a/line-1 in the example model.
+MACHINES = ("pump-001", "pump-002")
 
 
 @dataclass(frozen=True)
 class SecuredBroker:
-    """A Mosquitto that knows two users: the bridge (its plant's prefix) and an observer."""
+    """A Mosquitto that knows the bridge, an observer of everything, and two machines."""
 
     settings: Settings  # logs in as the bridge user
     observer: MqttSettings
+    machines: dict[str, MqttSettings]
     prefix: str
     bridge_password: str
+
+    def topic(self, entity_id: str, kind: str) -> str:
+        """The telemetry or cmd topic of a machine of site-a/line-1."""
+        return f"{self.prefix}/site-a/line-1/{entity_id}/{kind}"
 
 
 @pytest.fixture
 def broker(stack: Settings, tmp_path: Path, unique: str) -> Iterator[SecuredBroker]:
     tool = find_executable("mosquitto_passwd")
     assert tool is not None, "mosquitto_passwd comes with Debian's mosquitto package"
-    bridge_password, observer_password = f"br-{uuid.uuid4().hex}", f"ob-{uuid.uuid4().hex}"
+    passwords = {
+        user: f"{user[:2]}-{uuid.uuid4().hex}" for user in (BRIDGE_USER, OBSERVER_USER, *MACHINES)
+    }
     passwd, acl = tmp_path / "passwd", tmp_path / "acl"
-    for create, user, password in (
-        (["-c"], BRIDGE_USER, bridge_password),
-        ([], OBSERVER_USER, observer_password),
-    ):
+    for index, (user, password) in enumerate(passwords.items()):
+        create = ["-c"] if index == 0 else []
         subprocess.run(
             [tool, "-b", *create, str(passwd), user, password], check=True, capture_output=True
         )
     prefix = f"plant{unique}"
-    acl.write_text(
-        f"user {BRIDGE_USER}\ntopic readwrite {prefix}/#\n\nuser {OBSERVER_USER}\ntopic read #\n"
-    )
+    documented = EXAMPLE_ACL.read_text().replace(" plant/", f" {prefix}/")
+    assert f"user {BRIDGE_USER}\n" in documented
+    acl.write_text(f"{documented}\nuser {OBSERVER_USER}\ntopic read #\n")
     base = isolated_settings(stack, tmp_path / "state")
     # Validated, not model_copy'd: the new settings checks run on the way.
     secured = MqttSettings.model_validate(
         {
             **base.mqtt.model_dump(),
             "username": BRIDGE_USER,
-            "password": bridge_password,
+            "password": passwords[BRIDGE_USER],
             "password_file": passwd,
             "acl_file": acl,
         }
     )
     settings = base.model_copy(update={"mqtt": secured})
-    observer = secured.model_copy(
-        update={
-            "username": OBSERVER_USER,
-            "password": SecretStr(observer_password),
-            "password_file": None,
-            "acl_file": None,
-        }
-    )
+
+    def login(user: str) -> MqttSettings:
+        return secured.model_copy(
+            update={
+                "username": user,
+                "password": SecretStr(passwords[user]),
+                "password_file": None,
+                "acl_file": None,
+            }
+        )
+
+    machines = {machine: login(machine) for machine in MACHINES}
     # Healthy means the health check's CONNECT, with the bridge user, was accepted.
     manager.up(settings, ["mosquitto"], log.info)
     try:
-        yield SecuredBroker(settings, observer, prefix, bridge_password)
+        yield SecuredBroker(
+            settings, login(OBSERVER_USER), machines, prefix, passwords[BRIDGE_USER]
+        )
     finally:
         manager.down(settings, ["mosquitto"], log.info)
 
@@ -138,9 +163,55 @@ class _Client:
     ) -> None:
         self.pubacks[mid] = reason
 
+    def subscribe(self, topic: str) -> ReasonCode:
+        """Subscribe at QoS 1; the broker's SUBACK reason."""
+        granted: list[ReasonCode] = []
+        answered = threading.Event()
+
+        def on_subscribe(*args: object) -> None:
+            reasons = args[3]
+            assert isinstance(reasons, list)
+            granted.extend(reasons)
+            answered.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe(topic, qos=1)
+        assert answered.wait(10), f"no SUBACK for {topic}"
+        return granted[0]
+
+    def publish(self, topic: str, payload: bytes) -> ReasonCode:
+        """Publish at QoS 1; the broker's PUBACK reason."""
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        return self.pubacks[info.mid]
+
+    def received(self) -> list[tuple[str, bytes]]:
+        return [(message.topic, bytes(message.payload)) for message in self.messages]
+
+    def wait_for(self, topic: str) -> None:
+        deadline = time.monotonic() + 10
+        while not any(message.topic == topic for message in self.messages):
+            assert time.monotonic() < deadline, f"nothing came on {topic}"
+            time.sleep(0.05)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@contextmanager
+def _clients(*logins: tuple[MqttSettings, str]) -> Iterator[list[_Client]]:
+    """Connected clients, each logged in; closed after."""
+    clients: list[_Client] = []
+    try:
+        for settings, name in logins:
+            clients.append(_Client(settings, name))
+            connack = clients[-1].connack
+            assert connack is not None and connack.value == 0, (name, str(connack))
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _login(settings: MqttSettings) -> ReasonCode:
@@ -188,6 +259,7 @@ def _bridge_env(
         state_dir=str(broker.settings.state_dir),
         topics__raw=f"test.secraw.{unique}",
         topics__deadletter=f"test.secdead.{unique}",
+        topics__commands=f"test.seccmd.{unique}",
         mqtt__port=str(broker.settings.mqtt.port),
         mqtt__username=BRIDGE_USER,
         mqtt__password=broker.bridge_password,
@@ -243,48 +315,153 @@ def test_bridge_with_a_wrong_password_exits_fast_naming_the_settings(
     assert broker.bridge_password not in "".join(bridge_log.read_text().split())
 
 
-def test_acl_denied_publish_reaches_no_subscriber(
+NOT_AUTHORIZED = 0x87
+
+
+def test_a_machine_publishes_only_its_own_telemetry(
     broker: SecuredBroker, unique: str, chaos_table: list[dict[str, object]]
 ) -> None:
-    observer = _Client(broker.observer, "observer")
-    publisher = _Client(broker.settings.mqtt, "publisher")
-    try:
-        assert observer.connack is not None and observer.connack.value == 0
-        assert publisher.connack is not None and publisher.connack.value == 0
-        granted = threading.Event()
-        observer.client.on_subscribe = lambda *_args: granted.set()
-        observer.client.subscribe("#", qos=1)
-        assert granted.wait(10)
-
-        denied_topic = f"elsewhere{unique}/pump-001/telemetry"
-        allowed_topic = f"{broker.prefix}/pump-001/telemetry"
-        denied = publisher.client.publish(denied_topic, b"denied", qos=1)
-        denied.wait_for_publish(10)
-        allowed = publisher.client.publish(allowed_topic, b"allowed", qos=1)
-        allowed.wait_for_publish(10)
-
-        # The control: the allowed message, sent after the denied one on the same
+    own, other = MACHINES
+    with _clients((broker.observer, "observer"), (broker.machines[own], own)) as (
+        observer,
+        machine,
+    ):
+        assert observer.subscribe("#").value == 1
+        denied = [
+            broker.topic(other, "telemetry"),  # forging another machine's readings
+            broker.topic(other, "cmd"),  # commanding another machine
+            broker.topic(own, "cmd"),  # commanding itself: only the bridge commands
+            f"elsewhere{unique}/site-a/line-1/{own}/telemetry",
+        ]
+        refusals = {topic: machine.publish(topic, b"denied").value for topic in denied}
+        # The control: the allowed message, sent after the denied ones on the same
         # connection, does arrive; a delivered denied message would have come first.
-        deadline = time.monotonic() + 10
-        while not any(m.topic == allowed_topic for m in observer.messages):
-            assert time.monotonic() < deadline, "the allowed publish never reached the observer"
-            time.sleep(0.05)
+        allowed = broker.topic(own, "telemetry")
+        assert machine.publish(allowed, b"allowed").value == 0
+        observer.wait_for(allowed)
         time.sleep(1.0)
-        received = [(m.topic, m.payload) for m in observer.messages]
-        chaos_table.append(
-            {
-                "fault": "10. MQTT QoS 1 publish outside the user's ACL",
-                "runs": 1,
-                "lost": 0,
-                "duplicates": 0,
-                "mismatches": 0,
-                "notes": f"an observer of # received only {received}",
-            }
-        )
-        assert received == [(allowed_topic, b"allowed")]
-        # MQTT 5 tells the publisher too: the denied PUBACK says "Not authorized".
-        assert publisher.pubacks[allowed.mid].value == 0
-        assert publisher.pubacks[denied.mid].value == 0x87
-    finally:
-        observer.close()
-        publisher.close()
+        received = observer.received()
+    chaos_table.append(
+        {
+            "fault": "10. MQTT QoS 1 publishes outside a machine's ACL (another machine's "
+            "telemetry and commands, its own commands)",
+            "runs": 1,
+            "lost": 0,
+            "duplicates": 0,
+            "mismatches": 0,
+            "notes": f"an observer of # received only {received}",
+        }
+    )
+    assert received == [(allowed, b"allowed")]
+    # MQTT 5 tells the publisher too: each denied PUBACK says "Not authorized".
+    assert refusals == dict.fromkeys(denied, NOT_AUTHORIZED)
+
+
+def test_the_bridge_publishes_commands_and_no_telemetry(broker: SecuredBroker) -> None:
+    machine = MACHINES[0]
+    with _clients((broker.observer, "observer"), (broker.settings.mqtt, "bridge")) as (
+        observer,
+        bridge,
+    ):
+        assert observer.subscribe("#").value == 1
+        forged = broker.topic(machine, "telemetry")
+        assert bridge.publish(forged, b"forged").value == NOT_AUTHORIZED
+        command = broker.topic(machine, "cmd")
+        assert bridge.publish(command, b"command").value == 0
+        observer.wait_for(command)
+        time.sleep(0.5)
+        assert observer.received() == [(command, b"command")]
+
+
+def test_a_machine_reads_its_own_commands_only(broker: SecuredBroker) -> None:
+    own, other = MACHINES
+    mine, theirs = broker.topic(own, "cmd"), broker.topic(other, "cmd")
+    with _clients(
+        (broker.machines[own], own),
+        (broker.machines[own], f"{own}-snooping"),
+        (broker.settings.mqtt, "bridge"),
+    ) as (machine, snoop, bridge):
+        assert machine.subscribe(mine).value == 1
+        # Mosquitto grants any subscription and checks each message as it delivers it.
+        snoop.subscribe(theirs)
+        snoop.subscribe(f"{broker.prefix}/+/+/+/cmd")
+        assert bridge.publish(theirs, b"theirs").value in {0, 0x10}
+        assert bridge.publish(mine, b"mine").value == 0
+        machine.wait_for(mine)
+        snoop.wait_for(mine)
+        time.sleep(0.5)
+        assert machine.received() == [(mine, b"mine")]
+        # The wildcard brings its own commands only; the other machine's never come.
+        assert snoop.received() == [(mine, b"mine")]
+
+
+def test_the_bridge_delivers_a_command_through_the_acl(
+    stack: Settings, broker: SecuredBroker, tmp_path: Path, unique: str
+) -> None:
+    model_data = yaml.safe_load(EXAMPLE_MODEL.read_text())
+    model_data["mqtt_topic_prefix"] = broker.prefix
+    model = TwinModel.model_validate(model_data)
+    settings = broker.settings.model_copy(
+        update={
+            "kafka": stack.kafka,
+            "topics": stack.topics.model_copy(
+                update={
+                    "raw": f"test.secraw.{unique}",
+                    "deadletter": f"test.secdead.{unique}",
+                    "commands": f"test.seccmd.{unique}",
+                }
+            ),
+            "mqtt": broker.settings.mqtt.model_copy(
+                update={"bridge_client_id": f"bridge-{unique}", "session_expiry_s": 60}
+            ),
+        }
+    )
+    machine_id = MACHINES[0]
+    issued = time.time_ns() // 1_000_000
+    command = Command(
+        command_id=f"cmd-{unique}",
+        entity_id=machine_id,
+        setpoint="speed",
+        value=1500.0,
+        issued_ms=issued,
+        expires_ms=issued + 120_000,
+        user="chaos",
+    )
+    bridge = MqttBridge(settings, model)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            bridge.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with _clients((broker.machines[machine_id], machine_id)) as (machine,):
+        assert machine.subscribe(model.mqtt_command_topic(model.by_id[machine_id])).value == 1
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            assert bridge.subscribed.wait(30), errors
+            producer = Producer(client_config(stack.kafka))
+            producer.produce(settings.topics.commands, encode(command), key=machine_id)
+            assert producer.flush(30) == 0
+            machine.wait_for(model.mqtt_command_topic(model.by_id[machine_id]))
+            results = [
+                decode_command(message.value() or b"")
+                for message in consume_all(stack.kafka, settings.topics.commands, expected=2)
+            ]
+        finally:
+            stop.set()
+            worker.join(30)
+    assert errors == []
+    assert decode_command(bytes(machine.messages[0].payload)) == command
+    assert machine.messages[0].qos == 1
+    assert results[0] == command
+    (result,) = results[1:]
+    assert isinstance(result, CommandResult)
+    assert (result.command_id, result.status, result.by) == (
+        command.command_id,
+        "delivered",
+        "mqtt",
+    )

@@ -120,6 +120,8 @@ def test_a_flow_started_with_sigint_ignored_still_stops_on_sigint(
         topics__state=f"sigint.state.{suffix}",
         topics__anomalies=f"sigint.anomalies.{suffix}",
         topics__late=f"sigint.late.{suffix}",
+        topics__feedback=f"sigint.feedback.{suffix}",
+        topics__commands=f"sigint.commands.{suffix}",
         topics__alarms=f"sigint.alarms.{suffix}",
         questdb__table_prefix=f"sigint_{suffix}_",
         flow__recovery_dir=str(tmp_path / "recovery"),

@@ -54,6 +54,8 @@ def plant(stack: Settings, unique: str, tmp_path: Path) -> Plant:
         state_dir=str(stack.state_dir),
         topics__raw=raw,
         topics__deadletter=dead,
+        topics__commands=f"test.commands.{unique}",
+        topics__feedback=f"test.feedback.{unique}",
         mqtt__bridge_client_id=f"bridge-{unique}",
         # The broker forgets the test's session soon after the test.
         mqtt__session_expiry_s="60",

@@ -72,7 +72,9 @@ def bridged(stack: Settings, unique: str) -> Settings:
     port, metrics_port = free_ports(2)
     return stack.model_copy(
         update={
-            "topics": stack.topics.model_copy(update={"raw": topic}),
+            "topics": stack.topics.model_copy(
+                update={"raw": topic, "commands": f"{topic}.commands", "feedback": f"{topic}.fb"}
+            ),
             "opcua": stack.opcua.model_copy(
                 update={"endpoint": f"opc.tcp://127.0.0.1:{port}/twinflow/"}
             ),

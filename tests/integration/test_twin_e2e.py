@@ -118,6 +118,8 @@ def _env_for(
         topics__anomalies=f"e2e.anomalies.{outputs}",
         topics__late=f"e2e.late.{outputs}",
         topics__alarms=f"e2e.alarms.{outputs}",
+        topics__feedback=f"e2e.feedback.{run_suffix}",
+        topics__commands=f"e2e.commands.{run_suffix}",
         questdb__table_prefix=table_prefix,
         flow__recovery_dir=str(workdir / f"recovery-{outputs}"),
         mqtt__bridge_client_id=f"e2e-bridge-{run_suffix}",
@@ -643,7 +645,14 @@ def test_the_metrics_endpoints_count_what_the_run_did(stack: Settings, pipeline:
         flow = scrape(int(env["TWINFLOW_METRICS__FLOW_PORT"]))
         tables = {
             name: _count(stack, f"{prefix}{name}")
-            for name in ("readings", "sensor_windows", "twin_state", "anomalies", "alarms")
+            for name in (
+                "readings",
+                "sensor_windows",
+                "twin_state",
+                "anomalies",
+                "alarms",
+                "setpoints",
+            )
         }
         events = QuestDBHttp(stack.questdb).exec(f'SELECT event, count() FROM "{prefix}alarms"')
         alarm_events = Counter(dict(events.rows))

@@ -206,6 +206,7 @@ def test_a_confirmed_fault_keeps_alarming_and_is_never_learned() -> None:
 def test_a_verdict_on_another_or_an_ended_alarm_changes_nothing() -> None:
     monitor = warmed_up()
     events, _ = judged(monitor, series([(5, 120.0)], seed=5), 100)
+    assert events == ["raised"]
     alarm_id = monitor.alarms.active_ids[0]
     assert monitor.feedback("pump-001@0", Verdict.REJECT, "ann") == []
     assert [a.event.value for a in monitor.feedback(alarm_id, Verdict.ACK, "ann")] == [

@@ -4,11 +4,16 @@ A message is acknowledged to the MQTT broker only after Kafka confirmed its deli
 (paho manual ack), and the session is persistent (clean_start false, a session
 expiry), so a crash or restart of the bridge loses nothing: the broker redelivers
 what was not acknowledged, and those repeats carry the publisher's same ``seq``.
+
+Beside it runs the bridge's command loop (:mod:`twinflow.bridges.commands`): each command
+for a twin model entity is published as its JSON to the entity's ``.../cmd`` topic at
+QoS 1, not retained, expiring with the command, and counts as delivered on the PUBACK.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,18 +26,29 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.kafka import ensure_topics, reliable_producer
-from connectors.mqtt import login_hint, login_refused, new_client, session_properties
+from connectors.mqtt import (
+    login_hint,
+    login_refused,
+    message_expiry,
+    new_client,
+    session_properties,
+)
 from schemas import deadletter
+from schemas.control import Command, encode
 from twinflow import metrics
-from twinflow.bridges.routing import InOrderAcks, Reject, route
+from twinflow.bridges.commands import CommandLoop, Outcome, Retry, now_ms
+from twinflow.bridges.routing import InOrderAcks, Reject, puback_outcome, route
 from twinflow.errors import TwinflowError
 from twinflow.settings import Settings
-from twinflow.topics import ingest_topics
+from twinflow.topics import control_topics, ingest_topics
 from twinflow.twin_model import TwinModel
 
 log = logging.getLogger("twinflow.bridge.mqtt")
 Headers = list[tuple[str, str | bytes | None]]
 STATS_EVERY_S = 10.0
+# Unacknowledged, a command is published again: a broker that answers at all answers a
+# QoS 1 publish within milliseconds.
+PUBACK_TIMEOUT_S = 10.0
 
 
 class BridgeError(TwinflowError):
@@ -68,7 +84,16 @@ class MqttBridge:
         self._stopping = threading.Event()
         self.subscribed = threading.Event()
         self._producer: Producer = reliable_producer(settings.kafka, error_cb=self._on_kafka_error)
+        # Its own lock: paho calls on_publish holding its message lock, and _lock is
+        # held around paho calls.
+        self._puback_lock = threading.Lock()
+        self._pubacks: dict[int, ReasonCode] = {}
         self._client = self._new_client()
+        # Every twin model entity may be an MQTT machine; one nobody subscribes for is
+        # found out by its PUBACK.
+        self._commands = CommandLoop(
+            settings, model, "mqtt", serves=lambda _entity: True, deliver=self._deliver
+        )
         self._connections = 0
         self._connected = metrics.bridge_connected.labels("mqtt")
         self._received = metrics.bridge_received.labels("mqtt")
@@ -89,6 +114,7 @@ class MqttBridge:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -98,7 +124,8 @@ class MqttBridge:
         cannot be reached is retried.
         """
         stop = stop or threading.Event()
-        ensure_topics(self.settings.kafka, ingest_topics(self.settings.topics))
+        topics = self.settings.topics
+        ensure_topics(self.settings.kafka, [*ingest_topics(topics), *control_topics(topics)])
         properties = session_properties(
             self.settings.mqtt.session_expiry_s, self.settings.mqtt.receive_maximum
         )
@@ -112,9 +139,15 @@ class MqttBridge:
         self._client.loop_start()
         poller = threading.Thread(target=self._poll_deliveries, name="kafka-deliveries")
         poller.start()
+        self._commands.start()
         next_stats = time.monotonic() + STATS_EVERY_S
         try:
-            while not stop.is_set() and self._failure is None and self._refused is None:
+            while (
+                not stop.is_set()
+                and self._failure is None
+                and self._refused is None
+                and self._commands.failure is None
+            ):
                 stop.wait(0.2)
                 if time.monotonic() >= next_stats:
                     self._log_stats()
@@ -128,8 +161,12 @@ class MqttBridge:
                 f"{self._failure}. Unacknowledged messages stay in the broker's session "
                 "and are delivered again when the bridge restarts."
             )
+        if self._commands.failure is not None:
+            raise self._commands.failure
 
     def _shutdown(self, poller: threading.Thread) -> None:
+        # Commands first: a command waiting for its PUBACK needs the connection.
+        self._commands.stop()
         # Deliver (and so acknowledge) what is in flight before leaving the session;
         # never unsubscribe: the persistent subscription is what keeps messages queued.
         if self._failure is None:
@@ -187,6 +224,45 @@ class MqttBridge:
             return
         log.info("subscribed to %s (QoS 1)", self.model.mqtt_topic_filter)
         self.subscribed.set()
+
+    def _on_publish(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        # paho calls this before it marks the message published, so a waiter that sees
+        # it published finds its reason here. A reason whose waiter gave up stays until
+        # paho reuses the mid, and the next publish with that mid overwrites it.
+        with self._puback_lock:
+            self._pubacks[mid] = reason
+
+    def _deliver(self, command: Command) -> Outcome:
+        """Publish ``command`` to its machine's topic at QoS 1; its PUBACK decides."""
+        topic = self.model.mqtt_command_topic(self.model.by_id[command.entity_id])
+        if not self._client.is_connected():
+            mqtt_settings = self.settings.mqtt
+            return Retry(f"not connected to mqtt://{mqtt_settings.host}:{mqtt_settings.port}")
+        expires_in_s = math.ceil((command.expires_ms - now_ms()) / 1000)
+        info = self._client.publish(
+            topic, encode(command), qos=1, retain=False, properties=message_expiry(expires_in_s)
+        )
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return Retry(f"publishing to {topic} failed: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + PUBACK_TIMEOUT_S
+        while not info.is_published():
+            # paho sends it again itself after a reconnect; past the deadline it is
+            # published once more, and the machine ignores the repeated command id.
+            if time.monotonic() >= deadline:
+                return Retry(f"no PUBACK for {topic} within {PUBACK_TIMEOUT_S:g} s")
+            if self._commands.stopping.is_set():
+                return Retry("the bridge is stopping")
+            info.wait_for_publish(0.1)
+        with self._puback_lock:
+            reason = self._pubacks.pop(info.mid)
+        return puback_outcome(reason, topic)
 
     def _on_disconnect(
         self,

@@ -10,18 +10,26 @@ server every second and, on any failure, aborts the connection, produces what it
 already received, backs off (at most ``opcua.reconnect_max_backoff_s``), reconnects and
 monitors the same node ids again. A value it already produced that comes back on
 resubscribing (a server that kept running) is not produced twice.
+
+The back channel: the bridge also monitors ``Objects/Plant/<entity>/setpoints/<name>``
+for each setpoint of the twin model and produces every change as a ``reported`` message
+(``{"entity_id", "ts", "reported": {name: value}, "quality", "source"}``). Beside it runs
+its command loop (:mod:`twinflow.bridges.commands`); it serves the entities that have an
+``Objects/Plant/<entity>/command_id`` variable, and delivers a command as one Write of
+``command_id`` then the setpoint's variable, over the bridge's own session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from typing import Literal, TypeVar
 
@@ -38,11 +46,13 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from connectors.kafka import ensure_topics, reliable_producer
 from connectors.opcua import certificate_der, certificate_uri, fingerprint
+from schemas.control import Command, DeliveryStatus
 from twinflow import metrics
+from twinflow.bridges.commands import CommandLoop, Done, NotServed, Outcome, Retry
 from twinflow.errors import TwinflowError
 from twinflow.settings import OpcUaSettings, Settings
-from twinflow.topics import ingest_topics
-from twinflow.twin_model import TwinModel
+from twinflow.topics import control_topics, ingest_topics
+from twinflow.twin_model import SetpointValue, TwinModel
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,9 @@ _PROBE_TIMEOUT_S = 2.0
 _FIRST_BACKOFF_S = 0.5
 _CLOSE_TIMEOUT_S = 5.0
 _FLUSH_TIMEOUT_S = 30.0
+# A server that answers at all answers a Write within milliseconds; one that does not is
+# written to again once the bridge has reconnected.
+_WRITE_TIMEOUT_S = 10.0
 # How long a server keeps a session the bridge lost, its subscription still queueing.
 _SESSION_TIMEOUT_MS = 60_000
 # Servers cap the operations per call (MaxNodesPerTranslateBrowsePathsToNodeIds,
@@ -111,6 +124,32 @@ class MonitoredSensor:
         return f"opcua:{self.node_id}"
 
 
+@dataclass(frozen=True, slots=True)
+class MonitoredSetpoint:
+    """One setpoint variable the bridge monitors: what the machine runs at."""
+
+    entity_id: str
+    setpoint: str
+    type: Literal["float", "int", "bool"]
+    node_id: str
+
+    @property
+    def source(self) -> str:
+        """The message's ``source`` field."""
+        return f"opcua:{self.node_id}"
+
+
+MonitoredItem = MonitoredSensor | MonitoredSetpoint
+
+
+@dataclass(frozen=True)
+class CommandTargets:
+    """The variables a command to one entity is written to."""
+
+    command_id: ua.NodeId
+    setpoints: dict[str, ua.NodeId] = field(default_factory=dict)
+
+
 class RawReading(msgspec.Struct, frozen=True):
     """The single form of the raw contract, every field the bridge knows set."""
 
@@ -119,6 +158,16 @@ class RawReading(msgspec.Struct, frozen=True):
     ts: int
     value: float
     unit: str
+    quality: Quality
+    source: str
+
+
+class ReportedSetpoint(msgspec.Struct, frozen=True):
+    """A raw message carrying one setpoint's reported value alone."""
+
+    entity_id: str
+    ts: int
+    reported: dict[str, SetpointValue]
     quality: Quality
     source: str
 
@@ -179,16 +228,78 @@ def encode_reading(sensor: MonitoredSensor, value: ua.DataValue) -> bytes | None
     )
 
 
+def encode_reported(setpoint: MonitoredSetpoint, value: ua.DataValue) -> bytes | None:
+    """The raw message reporting a setpoint's value, or None when it carries none.
+
+    A bool setpoint reports a Boolean, a number setpoint a finite number; anything else
+    is not a value the twin model can compare with what it asked for.
+    """
+    reported = value.Value.Value if value.Value is not None else None
+    if setpoint.type == "bool":
+        if not isinstance(reported, bool):
+            return None
+    elif isinstance(reported, int | float) and not isinstance(reported, bool):
+        if not math.isfinite(reported):
+            return None
+        reported = float(reported)
+    else:
+        return None
+    ts = epoch_ms(value)
+    if ts is None:
+        return None
+    return _encoder.encode(
+        ReportedSetpoint(
+            entity_id=setpoint.entity_id,
+            ts=ts,
+            reported={setpoint.setpoint: reported},
+            quality=quality_of(value.StatusCode),
+            source=setpoint.source,
+        )
+    )
+
+
+def setpoint_variant(value: SetpointValue) -> ua.Variant:
+    """A checked setpoint value as the server's variables hold it: Boolean or Double.
+
+    >>> setpoint_variant(1200).VariantType, setpoint_variant(False).VariantType
+    (<VariantType.Double: 11>, <VariantType.Boolean: 1>)
+    """
+    if isinstance(value, bool):
+        return ua.Variant(value, ua.VariantType.Boolean)
+    return ua.Variant(float(value), ua.VariantType.Double)
+
+
+def write_outcome(statuses: Sequence[ua.StatusCode], node_ids: Sequence[ua.NodeId]) -> Done:
+    """The result of a command's Write from its per-node status codes.
+
+    >>> ids = [ua.NodeId("p/command_id", 2), ua.NodeId("p/setpoints/speed", 2)]
+    >>> write_outcome([ua.StatusCode(), ua.StatusCode(StatusCodes.BadTypeMismatch)], ids).detail
+    'the OPC UA server refused ns=2;s=p/setpoints/speed: BadTypeMismatch'
+    >>> write_outcome([ua.StatusCode(), ua.StatusCode()], ids).status
+    <DeliveryStatus.DELIVERED: 'delivered'>
+    """
+    refused = [
+        f"{node_id.to_string()}: {status.name}"
+        for node_id, status in zip(node_ids, statuses, strict=True)
+        if not status.is_good()
+    ]
+    if refused:
+        return Done(DeliveryStatus.FAILED, "the OPC UA server refused " + ", ".join(refused))
+    return Done(DeliveryStatus.DELIVERED, f"wrote {node_ids[-1].to_string()}")
+
+
 def run(settings: Settings, model: TwinModel, stop: threading.Event | None = None) -> None:
     """Bridge OPC UA to ``settings.topics.raw`` until ``stop`` is set.
 
-    Raises :class:`DeliveryError` when Kafka refuses or times out a reading and
+    Raises :class:`DeliveryError` when Kafka refuses or times out a reading,
     :class:`OpcUaSecurityError` when the server is not the pinned one or refuses the
-    bridge's credentials; connection failures are retried with backoff.
+    bridge's credentials, and CommandLoopError when Kafka does not take a command's
+    result; connection failures are retried with backoff.
     """
     port = settings.metrics.opcua_bridge_port
     with metrics.serving(settings.metrics, port, "opcua_bridge_port"):
-        ensure_topics(settings.kafka, ingest_topics(settings.topics))
+        topics = settings.topics
+        ensure_topics(settings.kafka, [*ingest_topics(topics), *control_topics(topics)])
         bridge = _Bridge(settings, model, stop or threading.Event())
         try:
             asyncio.run(bridge.forward())
@@ -212,7 +323,16 @@ class _Bridge:
         self._topic = settings.topics.raw
         self._producer: Producer = reliable_producer(settings.kafka, on_delivery=self._delivered)
         self._failure: KafkaError | None = None
-        self._sensors: dict[int, MonitoredSensor] = {}
+        self._items: dict[int, MonitoredItem] = {}
+        # The command loop's view, from its own thread: the loop and session to write
+        # with while connected, and the entities found at the last connection (None
+        # before the first one).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Client | None = None
+        self._targets: dict[str, CommandTargets] | None = None
+        self._commands = CommandLoop(
+            settings, model, "opcua", serves=self._serves, deliver=self._deliver
+        )
         self._last_sent: dict[str, bytes] = {}
         self._received = self._produced = self._gaps = self._repeats = self._reconnects = 0
         self._last_reading_at: float | None = None
@@ -223,6 +343,15 @@ class _Bridge:
         self._forwarded = metrics.bridge_forwarded.labels("opcua")
 
     async def forward(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._commands.start()
+        try:
+            await self._connect_and_stream()
+        finally:
+            # In a thread: a command being written needs this event loop to finish.
+            await asyncio.to_thread(self._commands.stop)
+
+    async def _connect_and_stream(self) -> None:
         backoff = _FIRST_BACKOFF_S
         connected_before = False
         while not self._stop.is_set():
@@ -304,19 +433,26 @@ class _Bridge:
         )
 
     async def _stream(self, client: Client) -> None:
-        self._sensors = await self._find_sensors(client)
+        self._items, self._targets = await self._find_items(client)
         subscription = await client.create_subscription(
             self._opcua.publishing_interval_ms, None, queue_maxsize=0
         )
         await self._monitor(subscription)
-        log.info("monitoring %d OPC UA variables at %s", len(self._sensors), self._opcua.endpoint)
+        log.info(
+            "monitoring %d OPC UA variables at %s; %d entities take commands",
+            len(self._items),
+            self._opcua.endpoint,
+            len(self._targets),
+        )
         consumer = asyncio.create_task(self._consume(subscription))
+        self._client = client
         try:
             await self._watch(client, consumer)
         except _ConnectionLost:
             _drop_connection(client)
             raise
         finally:
+            self._client = None
             await self._drain(subscription, consumer)
 
     async def _watch(self, client: Client, consumer: asyncio.Task[None]) -> None:
@@ -343,45 +479,69 @@ class _Bridge:
         if isinstance(failure, DeliveryError):
             raise failure
 
-    async def _find_sensors(self, client: Client) -> dict[int, MonitoredSensor]:
+    async def _find_items(
+        self, client: Client
+    ) -> tuple[dict[int, MonitoredItem], dict[str, CommandTargets]]:
+        """The variables to monitor by client handle, and the entities that take commands.
+
+        Setpoints are looked for under every entity: a server lacking them serves those
+        machines' telemetry only, and their commands are another bridge's.
+        """
         try:
             index = await client.get_namespace_index(self._opcua.namespace)
         except ValueError:
             raise _ConnectionLost(
                 f"the server has no namespace {self._opcua.namespace}; not a twinflow plant?"
             ) from None
-        wanted = [
+        sensors = [
             (entity.id, sensor, spec.unit)
             for entity in self._model.entities
             for sensor, spec in self._model.sensors_of(entity.id).items()
         ]
-        paths = [
-            f"/{index}:Plant/{index}:{_escape(entity_id)}/{index}:{_escape(sensor)}"
-            for entity_id, sensor, _unit in wanted
+        setpoints = [
+            (entity.id, name, spec.type)
+            for entity in self._model.entities
+            for name, spec in self._model.setpoints_of(entity.id).items()
         ]
-        objects = ua.NodeId(ua.Int32(ObjectIds.ObjectsFolder))
-        results: list[ua.BrowsePathResult] = []
-        for batch in _batches(paths):
-            results.extend(await client.translate_browsepaths(objects, batch))
-        found: dict[int, MonitoredSensor] = {}
+        commanded = list(dict.fromkeys(entity_id for entity_id, _name, _type in setpoints))
+        paths = [
+            *((entity_id, sensor) for entity_id, sensor, _unit in sensors),
+            *((entity_id, "setpoints", name) for entity_id, name, _type in setpoints),
+            *((entity_id, "command_id") for entity_id in commanded),
+        ]
+        node_ids = await _translate(client, index, paths)
+        sensor_ids = node_ids[: len(sensors)]
+        setpoint_ids = node_ids[len(sensors) : len(sensors) + len(setpoints)]
+        command_ids = node_ids[len(sensors) + len(setpoints) :]
+
+        found: dict[int, MonitoredItem] = {}
         missing = []
-        for (entity_id, sensor, unit), result in zip(wanted, results, strict=True):
-            if not result.StatusCode.is_good() or not result.Targets:
+        for (entity_id, sensor, unit), node_id in zip(sensors, sensor_ids, strict=True):
+            if node_id is None:
                 missing.append(f"{entity_id}/{sensor}")
                 continue
-            target = result.Targets[0].TargetId
-            node_id = ua.NodeId(target.Identifier, target.NamespaceIndex)
             found[len(found) + 1] = MonitoredSensor(entity_id, sensor, unit, node_id.to_string())
         if missing:
             log.warning(
                 "%d of %d twin model sensors are not on the OPC UA server, skipped: %s",
                 len(missing),
-                len(wanted),
+                len(sensors),
                 ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else ""),
             )
+        targets = {
+            entity_id: CommandTargets(node_id)
+            for entity_id, node_id in zip(commanded, command_ids, strict=True)
+            if node_id is not None
+        }
+        for (entity_id, name, kind), node_id in zip(setpoints, setpoint_ids, strict=True):
+            if node_id is None:
+                continue
+            found[len(found) + 1] = MonitoredSetpoint(entity_id, name, kind, node_id.to_string())
+            if entity_id in targets:
+                targets[entity_id].setpoints[name] = node_id
         if not found:
-            raise _ConnectionLost("none of the twin model's sensors is on the server")
-        return found
+            raise _ConnectionLost("none of the twin model's sensors or setpoints is on the server")
+        return found, targets
 
     async def _monitor(self, subscription: Subscription) -> None:
         # StatusValueTimestamp: a stuck sensor repeats its value with new timestamps,
@@ -390,7 +550,7 @@ class _Bridge:
         requests = [
             ua.MonitoredItemCreateRequest(
                 ItemToMonitor=ua.ReadValueId(
-                    NodeId=ua.NodeId.from_string(sensor.node_id),
+                    NodeId=ua.NodeId.from_string(monitored.node_id),
                     AttributeId=ua.UInt32(AttributeIds.Value),
                 ),
                 MonitoringMode=ua.MonitoringMode.Reporting,
@@ -402,7 +562,7 @@ class _Bridge:
                     DiscardOldest=True,
                 ),
             )
-            for handle, sensor in self._sensors.items()
+            for handle, monitored in self._items.items()
         ]
         refused: list[tuple[ua.MonitoredItemCreateRequest, ua.StatusCode]] = []
         for batch in _batches(requests):
@@ -414,9 +574,9 @@ class _Bridge:
             )
         for request, status in refused:
             handle = int(request.RequestedParameters.ClientHandle)
-            log.warning("server refused to monitor %s: %s", self._sensors.pop(handle), status)
-        if not self._sensors:
-            raise _ConnectionLost("the server refused to monitor every sensor")
+            log.warning("server refused to monitor %s: %s", self._items.pop(handle), status)
+        if not self._items:
+            raise _ConnectionLost("the server refused to monitor every variable")
 
     async def _consume(self, subscription: Subscription) -> None:
         async for event in subscription:
@@ -429,20 +589,24 @@ class _Bridge:
         self._received += 1
         self._received_total.inc()
         handle = int(item.ClientHandle)
-        sensor = self._sensors[handle]
-        payload = encode_reading(sensor, item.Value)
+        monitored = self._items[handle]
+        payload = (
+            encode_reading(monitored, item.Value)
+            if isinstance(monitored, MonitoredSensor)
+            else encode_reported(monitored, item.Value)
+        )
         if payload is None:
             self._gaps += 1
             metrics.bridge_skipped.labels("opcua", "no_value").inc()
-            log.debug("no reading in %s: %s", sensor.source, item.Value.StatusCode)
+            log.debug("no reading in %s: %s", monitored.source, item.Value.StatusCode)
             return
         # A new subscription starts with each item's current value, which the bridge
         # already produced if the server kept running.
-        if self._last_sent.get(sensor.node_id) == payload:
+        if self._last_sent.get(monitored.node_id) == payload:
             self._repeats += 1
             metrics.bridge_skipped.labels("opcua", "repeat").inc()
             return
-        self._last_sent[sensor.node_id] = payload
+        self._last_sent[monitored.node_id] = payload
         now = time.monotonic()
         if self._lost_at is not None and self._last_reading_at is not None:
             log.warning(
@@ -454,7 +618,7 @@ class _Bridge:
         self._last_reading_at = now
         while True:
             try:
-                self._producer.produce(self._topic, payload, key=sensor.entity_id)
+                self._producer.produce(self._topic, payload, key=monitored.entity_id)
                 break
             except BufferError:
                 # librdkafka's queue is full: let deliveries drain it. Blocking here
@@ -469,6 +633,8 @@ class _Bridge:
                 f"Kafka did not accept a reading for {self._topic}: {self._failure}; "
                 "stopping so that no reading is lost silently"
             )
+        if self._commands.failure is not None:
+            raise self._commands.failure
         if time.monotonic() >= self._next_stats:
             self._log_stats()
 
@@ -478,6 +644,39 @@ class _Bridge:
             self._forwarded.inc()
         elif self._failure is None:
             self._failure = error
+
+    def _serves(self, entity_id: str) -> bool | None:
+        targets = self._targets
+        return None if targets is None else entity_id in targets
+
+    def _deliver(self, command: Command) -> Outcome:
+        """Write ``command`` with the bridge's session; called from the command thread."""
+        loop, client, targets = self._loop, self._client, self._targets
+        if loop is None or client is None or targets is None:
+            return Retry(f"not connected to {self._opcua.endpoint}")
+        nodes = targets.get(command.entity_id)
+        if nodes is None:
+            return NotServed(f"{command.entity_id} has no command_id variable on the server")
+        setpoint = nodes.setpoints.get(command.setpoint)
+        if setpoint is None:
+            return Done(
+                DeliveryStatus.FAILED,
+                f"the OPC UA server has no variable {command.entity_id}/setpoints/"
+                f"{command.setpoint}",
+            )
+        written = asyncio.run_coroutine_threadsafe(
+            _write_command(client, nodes.command_id, setpoint, command), loop
+        )
+        try:
+            statuses = written.result(_WRITE_TIMEOUT_S)
+        except TimeoutError:
+            written.cancel()
+            return Retry(f"no answer to the write within {_WRITE_TIMEOUT_S:g} s")
+        except (OSError, UaError, concurrent.futures.CancelledError) as exc:
+            # A fault of the whole service call (session or channel gone, the client
+            # torn down) is the connection's: written again on the next one.
+            return Retry(f"the write failed: {str(exc) or repr(exc)}")
+        return write_outcome(statuses, [nodes.command_id, setpoint])
 
     async def _probe(self, client: Client) -> None:
         try:
@@ -516,7 +715,7 @@ class _Bridge:
             self._gaps,
             self._repeats,
             self._reconnects,
-            len(self._sensors),
+            len(self._items),
         )
 
 
@@ -559,6 +758,42 @@ def _leading_certificate(der: bytes) -> bytes:
         return der[: 2 + size]
     width = size & 0x7F
     return der[: 2 + width + int.from_bytes(der[2 : 2 + width], "big")]
+
+
+async def _translate(
+    client: Client, index: int, paths: Sequence[tuple[str, ...]]
+) -> list[ua.NodeId | None]:
+    """The node id at ``Objects/Plant/<path>`` for each path, None where there is none."""
+    browse_paths = [
+        f"/{index}:Plant" + "".join(f"/{index}:{_escape(name)}" for name in path) for path in paths
+    ]
+    objects = ua.NodeId(ua.Int32(ObjectIds.ObjectsFolder))
+    results: list[ua.BrowsePathResult] = []
+    for batch in _batches(browse_paths):
+        results.extend(await client.translate_browsepaths(objects, batch))
+    found: list[ua.NodeId | None] = []
+    for result in results:
+        if not result.StatusCode.is_good() or not result.Targets:
+            found.append(None)
+            continue
+        target = result.Targets[0].TargetId
+        found.append(ua.NodeId(target.Identifier, target.NamespaceIndex))
+    return found
+
+
+async def _write_command(
+    client: Client, command_id: ua.NodeId, setpoint: ua.NodeId, command: Command
+) -> list[ua.StatusCode]:
+    # One Write call, the id first, so a machine knows which command the value is from.
+    # Values only: servers may refuse client timestamps or status (BadWriteNotSupported).
+    values = [
+        ua.DataValue(Value=ua.Variant(command.command_id, ua.VariantType.String), StatusCode=None),
+        ua.DataValue(Value=setpoint_variant(command.value), StatusCode=None),
+    ]
+    statuses: list[ua.StatusCode] = await client.uaclient.write_attributes(
+        [command_id, setpoint], values, AttributeIds.Value
+    )
+    return statuses
 
 
 def _escape(name: str) -> str:

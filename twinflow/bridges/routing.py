@@ -1,15 +1,21 @@
-"""Pure decisions of the MQTT bridge: where a message goes, and when it may be acked."""
+"""Pure decisions of the MQTT bridge: where a message goes, when to ack, what a PUBACK says."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from paho.mqtt.reasoncodes import ReasonCode
+
+from schemas.control import DeliveryStatus
 from schemas.raw import Reason, SchemaError, decode_raw
+from twinflow.bridges.commands import Done, NotServed
 from twinflow.twin_model import TwinModel
 
 MAX_PAYLOAD_BYTES = 900 * 1024
 """Larger payloads cannot go to Kafka whole (its default message limit is 1 MiB)."""
+NO_MATCHING_SUBSCRIBERS = 0x10
+"""MQTT 5 PUBACK reason: accepted, but no session subscribes to the topic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +93,21 @@ class InOrderAcks:
 
     def __len__(self) -> int:
         return len(self._order)
+
+
+def puback_outcome(reason: ReasonCode, topic: str) -> Done | NotServed:
+    """What the PUBACK of a command published on ``topic`` says about its delivery.
+
+    A success hands the command to every session subscribed to its machine's topic,
+    online or queued. "No matching subscribers" means no machine listens there at all:
+    not an MQTT machine (another bridge may serve it), so no result.
+
+    >>> from paho.mqtt.packettypes import PacketTypes
+    >>> puback_outcome(ReasonCode(PacketTypes.PUBACK, "Not authorized"), "p/s/l/e/cmd")
+    Done(status=<DeliveryStatus.FAILED: 'failed'>, detail='the MQTT broker refused ...')
+    """
+    if reason.value == NO_MATCHING_SUBSCRIBERS:
+        return NotServed(f"no machine subscribes to {topic}")
+    if reason.is_failure:
+        return Done(DeliveryStatus.FAILED, f"the MQTT broker refused {topic}: {reason}")
+    return Done(DeliveryStatus.DELIVERED, f"PUBACK on {topic}")

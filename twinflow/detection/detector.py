@@ -147,7 +147,10 @@ _MIN_CALIBRATION = 30
 """Fewest warm-up scores the threshold is calibrated on."""
 _SETTLED = 0.05
 """A re-baselined level has settled once less than this share of a feature's slowest
-scale remembers the time before the re-baseline."""
+scale remembers the time before the re-baseline, and that scale moves less than one
+standard deviation in a window."""
+_GIVE_UP = 0.001
+"""Settled however much it still moves: the level itself keeps changing."""
 _ALL = slice(None)
 
 
@@ -318,10 +321,11 @@ class EntityDetector:
 
         A level accepted soon after it changed is still settling: the slow scale has
         not caught up with it yet, and judged against where it stood at this call it
-        would alarm again as it moves on. So until less than ``_SETTLED`` of each
-        feature's slowest scale remembers the time before this call, the new operating
-        point follows the feature (with 1-Hz readings in 10-s windows: about six
-        windows; a level that had long settled is followed for nothing new).
+        would alarm again as it moves on. So the new operating point follows each
+        feature until its slowest scale has settled: less than ``_SETTLED`` of it
+        remembers the time before this call, and it moves less than a standard deviation
+        in a window (with 1-Hz readings in 10-s windows: six windows or a few more; a
+        level that had long settled is followed for nothing new).
         """
         if self._scores is None or self._smoother is None or self._rule is None:
             return
@@ -341,20 +345,32 @@ class EntityDetector:
     ) -> None:
         """Move the re-baselined operating point along with features still settling."""
         settling = self._settling
-        assert settling is not None and self._scores is not None
+        scores = self._scores
+        assert settling is not None and scores is not None
         positions = np.arange(len(names)) if isinstance(columns, slice) else columns
         known = positions < len(settling)
         index = positions[known]
+        values = smoothed[known]
         remaining = settling[index]
-        following = remaining > _SETTLED
+        slow = int(np.argmin(self.config.smoothing))
+        moved = np.abs(values[:, slow] - scores.means[self._settling_regime, index, slow])
+        following = (
+            (remaining > _GIVE_UP)
+            & ((remaining > _SETTLED) | (moved > scores.std(index)[:, slow]))
+            & (remaining > 0)
+        )
         if following.any():
-            self._scores.set_levels(
-                self._settling_regime, index[following], smoothed[known][following]
-            )
+            scores.set_levels(self._settling_regime, index[following], values[following])
         counts = self._counts(names, readings)
         per_window = 1.0 if counts is None else np.maximum(counts[known], 1)
-        settling[index] = remaining * (1.0 - min(self.config.smoothing)) ** per_window
-        if not (settling > _SETTLED).any():
+        decay = (1.0 - min(self.config.smoothing)) ** per_window
+        settling[index] = np.where(following, remaining * decay, 0.0)
+        # Where it last stood is one noisy value of the feature: from there on, the
+        # operating point learns the level as quickly as a new feature does.
+        settled = index[(remaining > 0) & ~following]
+        if len(settled):
+            scores.relearn(settled)
+        if not (settling > 0).any():
             self._settling = None
 
     def learn_normal(

@@ -3,7 +3,9 @@
 Each entity publishes either batched payloads (all sensors of a tick in one message) or
 single payloads (one message per sensor), with epoch-millisecond or RFC 3339 timestamps
 — chosen per entity from the seed, as real fleets mix device firmwares. Every message
-carries the entity's message counter ``seq``: a duplicate repeats the same ``seq``.
+carries the entity's message counter ``seq``: a duplicate repeats the same ``seq``. An
+entity with setpoints reports in every message what it runs them at: ``"reported":
+{setpoint: value}``.
 """
 
 from __future__ import annotations
@@ -144,29 +146,31 @@ class MessageEncoder:
             )
         specs = self.model.sensors_of(entity.id)
         topic = self.model.mqtt_topic(entity)
-        reported = {}
+        readings = {}
         for sensor, value in sample.values.items():
             unit = sample.reported_units.get(sensor)
             if unit is not None:
                 value = specs[sensor].accepted_units[unit].from_canonical(value)
             # Six significant digits: what real devices send, in any unit's magnitude.
-            reported[sensor] = (float(f"{value:.6g}"), unit)
-        if not reported:
+            readings[sensor] = (float(f"{value:.6g}"), unit)
+        if not readings:
             return []
         if self.batched[entity.id]:
             self.seq[entity.id] += 1
             body: dict[str, Any] = {
                 "entity_id": entity.id,
                 "ts": ts,
-                "values": {sensor: value for sensor, (value, _unit) in reported.items()},
+                "values": {sensor: value for sensor, (value, _unit) in readings.items()},
                 "seq": self.seq[entity.id],
             }
-            units = {sensor: unit for sensor, (_value, unit) in reported.items() if unit}
+            units = {sensor: unit for sensor, (_value, unit) in readings.items() if unit}
             if units:
                 body["units"] = units
-            return [self._emission(sample, topic, body, len(reported))]
+            if sample.setpoints:
+                body["reported"] = sample.setpoints
+            return [self._emission(sample, topic, body, len(readings))]
         messages = []
-        for sensor, (value, unit) in reported.items():
+        for sensor, (value, unit) in readings.items():
             self.seq[entity.id] += 1
             body = {
                 "entity_id": entity.id,
@@ -177,6 +181,8 @@ class MessageEncoder:
             }
             if unit:
                 body["unit"] = unit
+            if sample.setpoints:
+                body["reported"] = sample.setpoints
             messages.append(self._emission(sample, topic, body, 1))
         return messages
 
@@ -284,6 +290,7 @@ def _malform(payload: bytes, reason: Reason) -> bytes:
         body.pop("value", None)
         body.pop("values", None)
         body.pop("sensor", None)
+        body.pop("reported", None)  # reported values alone make a valid message
     elif reason is Reason.BAD_TIMESTAMP:
         body["ts"] = "2026-01-01T00:00:00"
     elif reason is Reason.ENTITY_MISMATCH:

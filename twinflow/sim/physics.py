@@ -6,6 +6,14 @@ Sensors are functions of load and of each other (a pump curve ties pressure to f
 current to hydraulic power, temperatures lag load through a first-order response),
 with Gaussian noise. Process faults bend these relations the way the real fault does.
 All randomness comes from the generator handed in, so a seed fixes every value.
+
+Setpoints act through the shaft speed, relative to rated (``drive``, 1.0 at the twin
+model's defaults, where every value is exactly what it was before setpoints existed): a
+pump's ``speed`` scales it by the affinity laws (flow ~ s, head ~ s², hydraulic power
+~ s³, on top of the motor's no-load current), and ``enable`` false stops a machine:
+flows, currents and vibrations fall to about zero, temperatures cool towards ambient
+through their lags. A machine and the one it drives share a shaft (:func:`drive_ratio`
+is multiplied over both), so a motor slows with its pump and a pump stops with its motor.
 """
 
 from __future__ import annotations
@@ -17,9 +25,41 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from twinflow.sim.faults import FaultKind
+from twinflow.twin_model import SetpointSpec, SetpointValue
 
 Effects = Mapping[FaultKind, float]
 """Active process faults and their severity (0..1)."""
+
+SPEED = "speed"
+"""The setpoint of a variable-speed drive, rated at its default."""
+ENABLE = "enable"
+"""The setpoint that stops a machine when false."""
+RAMP_S = 4.0
+"""A drive ramps from standstill to rated speed in this long (a VFD's acceleration ramp):
+a new setpoint is a level shift within seconds."""
+IDLE_SPEED = 0.4
+"""Below this share of rated speed a drive is stopping and its no-load current fades;
+the example pumps' lowest setpoint, 600 of 1480 rpm, is above it."""
+AMBIENT_C = 25.0
+"""What a stopped machine's temperatures cool down to."""
+
+
+def drive_ratio(setpoints: Mapping[str, SetpointValue], specs: Mapping[str, SetpointSpec]) -> float:
+    """The factor one machine's setpoints put on its shaft speed: 1.0 at the defaults.
+
+    >>> spec = SetpointSpec(type="float", range=(600, 1800), default=1480)
+    >>> drive_ratio({"speed": 740.0}, {"speed": spec})
+    0.5
+    >>> drive_ratio({"enable": False}, {"enable": SetpointSpec(type="bool", default=True)})
+    0.0
+    """
+    ratio = 1.0
+    speed, spec = setpoints.get(SPEED), specs.get(SPEED)
+    if spec is not None and spec.type != "bool" and spec.default and speed is not None:
+        ratio = float(speed) / float(spec.default)
+    if setpoints.get(ENABLE) is False:
+        ratio = 0.0
+    return ratio
 
 
 @dataclass
@@ -35,6 +75,8 @@ class Machine:
     base_load: float = field(init=False)
     nominal: float = field(init=False)
     walk: float = 0.0
+    drive: float = 1.0
+    """Shaft speed relative to rated, ramping towards what the setpoints ask."""
     temperature: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,8 +103,16 @@ class Machine:
     def _noise(self, scale: float) -> float:
         return float(self.rng.normal(0.0, scale))
 
-    def step(self, load: float, dt_s: float, effects: Effects) -> dict[str, float]:
-        """Sensor values (canonical units) at the current instant."""
+    def step(
+        self, load: float, dt_s: float, effects: Effects, drive_target: float = 1.0
+    ) -> dict[str, float]:
+        """Sensor values (canonical units) at the current instant.
+
+        ``drive_target`` is the shaft speed (relative to rated) the setpoints ask for;
+        the drive ramps there at :data:`RAMP_S` per full speed.
+        """
+        ramp = dt_s / RAMP_S
+        self.drive = min(self.drive + ramp, max(self.drive - ramp, drive_target))
         wear = effects.get(FaultKind.BEARING_WEAR, 0.0)
         overload = effects.get(FaultKind.OVERLOAD, 0.0)
         cavitation = effects.get(FaultKind.CAVITATION, 0.0)
@@ -86,24 +136,26 @@ class Machine:
     def _pump(
         self, load: float, dt_s: float, wear: float, overload: float, cavitation: float
     ) -> dict[str, float]:
+        s = self.drive
         q_nominal = 200.0 * self.nominal
         p_nominal = 9.0 * self.nominal
-        flow = q_nominal * load * (1 - 0.12 * cavitation) + self._noise(0.01 * q_nominal)
+        # Affinity laws: at speed s the pump curve H(Q) becomes s² H(Q / s).
+        flow = q_nominal * load * s * (1 - 0.12 * cavitation) + self._noise(0.01 * q_nominal)
         ratio = max(0.0, flow / q_nominal)
-        pressure = p_nominal * (1.25 - 0.35 * ratio**2) + self._noise(0.04)
+        pressure = p_nominal * (1.25 * s * s - 0.35 * ratio**2) + self._noise(0.04)
         if cavitation and self.rng.random() < 0.3:
             # Vapour bubbles collapse: sudden pressure dips with vibration bursts.
             pressure *= 1 - 0.3 * cavitation * float(self.rng.uniform(0.5, 1.0))
         power = ratio * pressure / p_nominal
-        current = 120.0 * (0.35 + 0.65 * power) * (1 + 0.35 * overload) + self._noise(0.6)
+        share = 0.35 * _idle(s) + 0.65 * power
+        current = 120.0 * share * (1 + 0.35 * overload) + self._noise(0.6)
         vibration = (
             2.4 * (0.7 + 0.3 * load)
             + 6.0 * wear
             + 1.2 * overload
             + cavitation * abs(self._noise(2.5))
-            + self._noise(0.06)
-        )
-        target = 38.0 + 20.0 * load + 28.0 * wear + 14.0 * overload
+        ) * s + self._noise(0.06)
+        target = _slowed(38.0 + 20.0 * load + 28.0 * wear + 14.0 * overload, AMBIENT_C, s)
         temperature = self._lagged_temperature(target, dt_s) + self._noise(0.1)
         return {
             "flow": max(0.0, flow),
@@ -114,34 +166,54 @@ class Machine:
         }
 
     def _motor(self, load: float, dt_s: float, wear: float, overload: float) -> dict[str, float]:
+        s = self.drive
         rated_speed = 1480.0 if self.nominal < 1.0 else 2970.0
         slip = 0.02 * load + 0.015 * overload
-        current = 140.0 * (0.3 + 0.7 * load) * (1 + 0.4 * overload) + self._noise(0.7)
-        target = 45.0 + 45.0 * load + 22.0 * wear + 30.0 * overload
+        # It drives a pump: the load's share of the current follows hydraulic power, ~ s³.
+        share = 0.3 * _idle(s) + 0.7 * load * s**3
+        current = 140.0 * share * (1 + 0.4 * overload) + self._noise(0.7)
+        target = _slowed(45.0 + 45.0 * load + 22.0 * wear + 30.0 * overload, AMBIENT_C, s)
+        vibration = (1.8 * (0.8 + 0.2 * load) + 5.0 * wear + 0.8 * overload) * s
         return {
-            "speed": rated_speed * (1 - slip) + self._noise(1.5),
+            "speed": max(0.0, rated_speed * s * (1 - slip) + self._noise(1.5)),
             "current": max(0.0, current),
+            # Measured on the supply side: the mains stay on when the motor stops.
             "voltage": 400.0 + self._noise(2.0),
             "winding_temp": self._lagged_temperature(target, dt_s, tau_s=150.0) + self._noise(0.1),
-            "vibration_rms": max(
-                0.0, 1.8 * (0.8 + 0.2 * load) + 5.0 * wear + 0.8 * overload + self._noise(0.05)
-            ),
+            "vibration_rms": max(0.0, vibration + self._noise(0.05)),
         }
 
     def _compressor(
         self, load: float, dt_s: float, wear: float, overload: float
     ) -> dict[str, float]:
+        s = self.drive
         suction = 1.0 * self.nominal + self._noise(0.015)
-        discharge = suction * (6.0 + 3.0 * load + 1.5 * overload) + self._noise(0.05)
-        current = 180.0 * (0.4 + 0.6 * load) * (1 + 0.35 * overload) + self._noise(0.8)
-        target = 65.0 + 40.0 * load + 20.0 * wear + 25.0 * overload
+        # A screw compressor's pressure ratio holds while it turns and falls to 1 at rest;
+        # its flow and power go with speed.
+        compression = _slowed(6.0 + 3.0 * load + 1.5 * overload, 1.0, s)
+        discharge = suction * compression + self._noise(0.05)
+        share = 0.4 * _idle(s) + 0.6 * load * s
+        current = 180.0 * share * (1 + 0.35 * overload) + self._noise(0.8)
+        target = _slowed(65.0 + 40.0 * load + 20.0 * wear + 25.0 * overload, AMBIENT_C, s)
+        vibration = (3.0 * (0.75 + 0.25 * load) + 6.0 * wear + 1.0 * overload) * s
         return {
             "suction_pressure": max(0.05, suction),
             "discharge_pressure": max(0.0, discharge),
             "discharge_temp": self._lagged_temperature(target, dt_s, tau_s=120.0)
             + self._noise(0.15),
             "motor_current": max(0.0, current),
-            "vibration_rms": max(
-                0.0, 3.0 * (0.75 + 0.25 * load) + 6.0 * wear + 1.0 * overload + self._noise(0.08)
-            ),
+            "vibration_rms": max(0.0, vibration + self._noise(0.08)),
         }
+
+
+def _idle(s: float) -> float:
+    """The share of the no-load current drawn at shaft speed ``s``: 1 unless stopping."""
+    return min(1.0, s / IDLE_SPEED)
+
+
+def _slowed(running: float, at_rest: float, s: float) -> float:
+    """``running`` at rated speed, moved towards ``at_rest`` as the shaft slows.
+
+    Exactly ``running`` at s = 1, so default runs keep their values to the last bit.
+    """
+    return running - (1.0 - s) * (running - at_rest)

@@ -1,4 +1,12 @@
-"""``twinflow simulate``: play a scenario over MQTT and/or an OPC UA server."""
+"""``twinflow simulate``: play a scenario over MQTT and/or an OPC UA server.
+
+The simulated machines obey commands: over MQTT on each entity's command topic
+(``<prefix>/<site>/<line>/<entity>/cmd``, QoS 1, JSON :class:`~schemas.control.Command`),
+over OPC UA by writes of its command nodes (:mod:`twinflow.sim.opcua_server`). Both go
+to one :class:`~twinflow.sim.actuators.Actuators`, which the scenario's physics reads,
+and the ground truth counts their outcomes (``counts.commands``). An MQTT command's
+expiry is judged by the wall clock when it arrives, whatever the simulated time.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +14,25 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
 from connectors.mqtt import new_client
+from schemas.control import Command, ControlError, decode_command
 from twinflow.errors import TwinflowError
 from twinflow.settings import Settings
+from twinflow.sim.actuators import Actuators, Outcome
 from twinflow.sim.messages import DataFaultPlan, Emission, MessageEncoder, Tally
 from twinflow.sim.scenario import Scenario, ScenarioConfig
 from twinflow.twin_model import TwinModel
@@ -48,27 +60,52 @@ class SimulateOptions:
     ground_truth_topic: bool = False
 
 
-class _MqttPublisher:
-    """QoS 1 publisher that knows how many of its messages the broker acknowledged."""
+class _Received(NamedTuple):
+    """A message on a command topic, as it arrived."""
 
-    def __init__(self, settings: Settings, client_id: str) -> None:
+    entity_id: str
+    """Whose command topic it came on."""
+    payload: bytes
+    received_ms: int
+    """Wall-clock epoch ms of its arrival: what its expiry is judged by."""
+
+
+class _MqttPublisher:
+    """QoS 1 publisher that knows how many of its messages the broker acknowledged.
+
+    It also subscribes (QoS 1, again on every reconnect: the session is not kept) to
+    ``command_topics`` (topic to entity id) and keeps what arrives for
+    :meth:`received_commands`.
+    """
+
+    def __init__(
+        self, settings: Settings, client_id: str, command_topics: Mapping[str, str]
+    ) -> None:
         self._client = new_client(settings.mqtt, client_id)
         self._client.max_inflight_messages_set(PUBLISH_WINDOW)
         self._acked = 0
         self._published = 0
         self._ack_event = threading.Condition()
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
         self._settings = settings
+        self._command_topics = dict(command_topics)
+        # Appended by paho's thread, taken by the simulation's: deque's ends are atomic.
+        self._inbox: deque[_Received] = deque()
 
     def __enter__(self) -> _MqttPublisher:
         connected = threading.Event()
         failure: list[str] = []
 
         def on_connect(
-            _c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
+            client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
         ) -> None:
             if reason.is_failure:
                 failure.append(str(reason))
+            elif self._command_topics:
+                qos1 = SubscribeOptions(qos=1)
+                client.subscribe([(topic, qos1) for topic in self._command_topics])
             connected.set()
 
         self._client.on_connect = on_connect
@@ -96,6 +133,39 @@ class _MqttPublisher:
         with self._ack_event:
             self._acked += 1
             self._ack_event.notify_all()
+
+    def _on_subscribe(
+        self,
+        _c: mqtt.Client,
+        _u: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _p: Properties | None,
+    ) -> None:
+        topics = list(self._command_topics)
+        refused = [
+            topic for topic, reason in zip(topics, reasons, strict=True) if reason.is_failure
+        ]
+        if refused:
+            log.warning(
+                "the MQTT broker refused %d of %d command subscriptions (its ACL?), e.g. %s: "
+                "commands on them are not obeyed",
+                len(refused),
+                len(topics),
+                refused[0],
+            )
+        log.info("subscribed to %d command topics", len(topics) - len(refused))
+
+    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        entity_id = self._command_topics.get(message.topic)
+        if entity_id is not None:
+            received_ms = time.time_ns() // 1_000_000
+            self._inbox.append(_Received(entity_id, bytes(message.payload), received_ms))
+
+    def received_commands(self) -> Iterator[_Received]:
+        """The command topic messages that arrived since the last call, oldest first."""
+        while self._inbox:
+            yield self._inbox.popleft()
 
     def publish(self, emission: Emission) -> None:
         """Queue one message; waits while too many are unacknowledged."""
@@ -137,20 +207,26 @@ async def _play(
 ) -> dict[str, Any]:
     encoder = MessageEncoder(model, data_plan, scenario.config.seed)
     tally = Tally()
+    entity_ids = [entity.id for entity in scenario.entities]
+    actuators = Actuators(model, entity_ids)
     started = time.monotonic()
     start_ms = scenario.config.start_ms
     async with AsyncExitStack() as stack:
         publisher = None
         if options.mqtt:
             publisher = stack.enter_context(
-                _MqttPublisher(settings, f"twinflow-sim-{scenario.config.seed}")
+                _MqttPublisher(
+                    settings,
+                    f"twinflow-sim-{scenario.config.seed}",
+                    {model.mqtt_command_topic(entity): entity.id for entity in scenario.entities},
+                )
             )
         server = None
         if options.opcua:
             from twinflow.sim.opcua_server import PlantOpcUaServer
 
             server = await stack.enter_async_context(
-                PlantOpcUaServer(settings.opcua, model, [entity.id for entity in scenario.entities])
+                PlantOpcUaServer(settings.opcua, model, entity_ids, actuators)
             )
         last_report = started
 
@@ -167,8 +243,10 @@ async def _play(
                 publisher.publish(emission)
             tally.add(emission)
 
-        for count, sample in enumerate(scenario.samples()):
+        for count, sample in enumerate(scenario.samples(actuators)):
             await pace(sample.ts_ms)
+            if publisher is not None:
+                _obey(publisher.received_commands(), actuators)
             if server is not None:
                 await server.publish(sample)
             elif count % 256 == 0:
@@ -181,6 +259,7 @@ async def _play(
         for emission in encoder.drain():
             send(emission)
         if publisher is not None:
+            _obey(publisher.received_commands(), actuators)
             acked = publisher.wait_all_acked(timeout_s=120)
             if acked != tally.messages:
                 raise SimulationError(
@@ -196,7 +275,7 @@ async def _play(
             "tick_ms": scenario.tick_ms,
             "entities": [entity.id for entity in scenario.entities],
         },
-        "counts": tally.as_dict(),
+        "counts": {**tally.as_dict(), "commands": actuators.counts()},
         "last_seq": dict(sorted(encoder.seq.items())),
         "elapsed_s": round(elapsed, 3),
         "faults": msgspec.to_builtins(scenario.faults + encoder.data_faults),
@@ -207,6 +286,33 @@ async def _play(
     if options.ground_truth_topic:
         _publish_ground_truth(settings, truth["faults"])
     return truth
+
+
+def _obey(received: Iterable[_Received], actuators: Actuators) -> None:
+    """Apply the commands that came over MQTT; log what each did."""
+    for entity_id, payload, received_ms in received:
+        try:
+            message = decode_command(payload)
+        except ControlError as exc:
+            log.warning("ignored a message on the command topic of %s: %s", entity_id, exc)
+            continue
+        if not isinstance(message, Command):
+            log.warning("ignored a delivery result on the command topic of %s", entity_id)
+            continue
+        outcome = actuators.apply(message, received_ms, addressed_to=entity_id)
+        problem = actuators.problem(message, entity_id) if outcome is Outcome.REFUSED else None
+        obeyed = outcome in (Outcome.APPLIED, Outcome.REPEATED)
+        log.log(
+            logging.INFO if obeyed else logging.WARNING,
+            "command %s (%s %s=%r from %s): %s%s",
+            message.command_id,
+            message.entity_id,
+            message.setpoint,
+            message.value,
+            message.user,
+            outcome,
+            f" ({problem})" if problem else "",
+        )
 
 
 def _publish_ground_truth(settings: Settings, faults: list[dict[str, Any]]) -> None:

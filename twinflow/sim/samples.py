@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from twinflow.twin_model import SetpointValue
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +16,8 @@ class Sample:
     Sensors in a dropout are absent from ``values`` and listed in ``dropped``.
     ``reported_units`` names the unit a sensor is published in over MQTT when a
     unit-change fault is active (the MQTT encoder converts); OPC UA always publishes
-    canonical values, its EngineeringUnits say which.
+    canonical values, its EngineeringUnits say which. ``setpoints`` are what the machine
+    ran its setpoints at (the twin model's setpoints; empty for entities without any).
     """
 
     entity_id: str
@@ -21,3 +25,4 @@ class Sample:
     values: dict[str, float]
     dropped: tuple[str, ...] = ()
     reported_units: dict[str, str] = field(default_factory=dict)
+    setpoints: Mapping[str, SetpointValue] = field(default_factory=dict)

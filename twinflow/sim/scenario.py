@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from twinflow.errors import ConfigError
+from twinflow.sim.actuators import Actuators
 from twinflow.sim.faults import (
     Category,
     Fault,
@@ -16,9 +18,9 @@ from twinflow.sim.faults import (
     FaultTarget,
     schedule_faults,
 )
-from twinflow.sim.physics import Machine
+from twinflow.sim.physics import Machine, drive_ratio
 from twinflow.sim.samples import Sample
-from twinflow.twin_model import Entity, TwinModel
+from twinflow.twin_model import Entity, SetpointValue, TwinModel
 
 SPIKE_FRACTION = 0.6
 """A spike jumps by this fraction of the sensor's valid range."""
@@ -88,8 +90,17 @@ class Scenario:
         """Readings all entities produce in one tick."""
         return sum(len(self.model.sensors_of(entity.id)) for entity in self.entities)
 
-    def samples(self) -> Iterator[Sample]:
-        """Every sample of the run, ordered by timestamp."""
+    def samples(self, actuators: Actuators | None = None) -> Iterator[Sample]:
+        """Every sample of the run, ordered by timestamp.
+
+        The machines run at the setpoints ``actuators`` holds when each sample is taken
+        (the twin model's defaults without it), so a command applied between two samples
+        acts from the next one on.
+        """
+        if actuators is None:
+            actuators = Actuators(self.model, [entity.id for entity in self.entities])
+        drives: dict[str, float] = {}
+        drives_as_of = -1
         machines = {
             entity.id: Machine(
                 asset_type=entity.type,
@@ -121,14 +132,40 @@ class Scenario:
                 effects = {
                     f.kind: _severity(f, ts_ms) for f in active if f.category is Category.PROCESS
                 }
-                values = machine.step(load, dt_s, effects)
-                yield self._apply_sensor_faults(entity, ts_ms, values, active, held)
+                if actuators.changes != drives_as_of:
+                    drives, drives_as_of = self._drives(actuators), actuators.changes
+                values = machine.step(load, dt_s, effects, drives[entity.id])
+                setpoints = actuators.setpoints(entity.id)
+                yield self._apply_sensor_faults(entity, ts_ms, values, setpoints, active, held)
+
+    def _drives(self, actuators: Actuators) -> dict[str, float]:
+        """Per entity, the shaft speed the setpoints of the machines on its shaft ask for.
+
+        On its shaft: itself, the machine it drives (its parent) and the ones driving it.
+        """
+        simulated = {entity.id for entity in self.entities}
+        shafts = {entity.id: [entity.id] for entity in self.entities}
+        for entity in self.entities:
+            if entity.parent is not None and entity.parent in simulated:
+                shafts[entity.id].append(entity.parent)
+                shafts[entity.parent].append(entity.id)
+        return {
+            entity_id: math.prod(
+                (
+                    drive_ratio(actuators.setpoints(member), self.model.setpoints_of(member))
+                    for member in members
+                ),
+                start=1.0,
+            )
+            for entity_id, members in shafts.items()
+        }
 
     def _apply_sensor_faults(
         self,
         entity: Entity,
         ts_ms: int,
         values: dict[str, float],
+        setpoints: Mapping[str, SetpointValue],
         active: list[Fault],
         held: dict[tuple[str, str], float],
     ) -> Sample:
@@ -151,7 +188,7 @@ class Scenario:
                 dropped.append(sensor)
             elif fault.kind is FaultKind.UNIT_CHANGE:
                 reported_units[sensor] = next(iter(specs[sensor].accepted_units))
-        return Sample(entity.id, ts_ms, values, tuple(dropped), reported_units)
+        return Sample(entity.id, ts_ms, values, tuple(dropped), reported_units, setpoints)
 
 
 def _severity(fault: Fault, ts_ms: int) -> float:
