@@ -139,6 +139,8 @@ def _flow_env(
         topics__anomalies=names.topic("anomalies"),
         topics__late=names.topic("late"),
         topics__alarms=names.topic("alarms"),
+        topics__feedback=names.topic("feedback"),
+        topics__commands=names.topic("commands"),
         questdb__table_prefix=names.prefix,
         flow__recovery_dir=str(names.workdir / recovery),
         flow__snapshot_interval_s="1",
@@ -329,15 +331,6 @@ def test_replayed_letters_land_once_and_a_second_replay_adds_no_row(
     assert sorted(again) == sorted(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a flow restarted on its recovery store keeps the twin model of its snapshot: "
-        "flows/twin.py build_flow's step uses `state or PartitionTwins(model, ...)`, and "
-        "PartitionTwins pickles its model, so the fixed model never reaches a partition "
-        "that has state"
-    ),
-)
 def test_a_flow_restarted_with_the_fixed_model_takes_the_replay(
     stack: Settings, names: Names
 ) -> None:
