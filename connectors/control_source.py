@@ -20,7 +20,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import client_config
-from connectors.kafka_source import KafkaSourceError, partition_key
+from connectors.kafka_source import KafkaSourceError, flow_consumer, partition_key
 from schemas import control, deadletter
 from schemas.raw import Reason
 from twinflow import metrics
@@ -83,22 +83,9 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
     def __init__(self, source: BackChannelSource, raw_keys: list[str], offsets: Offsets) -> None:
         self._source = source
         self._raw_keys = raw_keys
-        self._consumer = Consumer(
-            client_config(
-                source.kafka,
-                **{
-                    # Offsets live in Bytewax's recovery snapshots, not in Kafka.
-                    "group.id": "twinflow-flow",
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "auto.offset.reset": "earliest",
-                    "fetch.min.bytes": 1,
-                    # The watermark queries that tell "caught up" wait behind an empty
-                    # fetch's long poll on the same connection; keep that poll short.
-                    "fetch.wait.max.ms": 50,
-                },
-            )
-        )
+        # The watermark queries that tell "caught up" wait behind an empty fetch's long
+        # poll on the same connection; keep that poll short.
+        self._consumer = flow_consumer(source.kafka, **{"fetch.wait.max.ms": 50})
         self._consumer.assign(
             [
                 TopicPartition(topic, 0, offsets.get(topic, OFFSET_BEGINNING))

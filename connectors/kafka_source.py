@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -36,6 +37,24 @@ _LAG_EVERY_S = 1.0
 
 class KafkaSourceError(TwinflowError):
     """The source topic is missing or a partition cannot be read."""
+
+
+def flow_consumer(kafka: KafkaSettings, **overrides: Any) -> Consumer:
+    """A consumer for the flow's sources: assigned partitions, offsets never committed."""
+    return Consumer(
+        client_config(
+            kafka,
+            **{
+                # Offsets live in Bytewax's recovery snapshots, not in Kafka.
+                "group.id": "twinflow-flow",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "fetch.min.bytes": 1,
+                **overrides,
+            },
+        )
+    )
 
 
 def partition_key(topic: str, partition: int) -> str:
@@ -81,19 +100,8 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         self._source = source
         self._key = key
         self._partition = partition
-        self._consumer = Consumer(
-            client_config(
-                source.kafka,
-                **{
-                    # Offsets live in Bytewax's recovery snapshots, not in Kafka.
-                    "group.id": "twinflow-flow",
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "auto.offset.reset": "earliest",
-                    "fetch.min.bytes": 1,
-                    "queued.min.messages": max(10_000, 2 * source.batch_size),
-                },
-            )
+        self._consumer = flow_consumer(
+            source.kafka, **{"queued.min.messages": max(10_000, 2 * source.batch_size)}
         )
         start = OFFSET_BEGINNING if offset is None else offset
         self._consumer.assign([TopicPartition(source.topic, partition, start)])

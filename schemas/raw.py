@@ -97,7 +97,7 @@ def decode_raw(payload: bytes) -> RawMessage:
     RawMessage(entity_id='pump-001', ts=1700000000000, sensor='flow', value=3.0, ...)
     >>> decode_raw(b'{"entity_id":"pump-001","ts":1700000000000}')
     Traceback (most recent call last):
-    schemas.raw.SchemaError: bad_form: needs either sensor+value or values, not both
+    schemas.raw.SchemaError: bad_form: needs sensor+value, values, or reported alone
     """
     try:
         message = _decoder.decode(payload)
@@ -109,9 +109,7 @@ def decode_raw(payload: bytes) -> RawMessage:
     if has_single and message.values is not None:
         raise SchemaError(Reason.BAD_FORM, "needs either sensor+value or values, not both")
     if not has_single and message.values is None and not message.reported:
-        raise SchemaError(
-            Reason.BAD_FORM, "needs either sensor+value or values, not both (or reported alone)"
-        )
+        raise SchemaError(Reason.BAD_FORM, "needs sensor+value, values, or reported alone")
     for setpoint, reported in (message.reported or {}).items():
         if not isinstance(reported, bool) and not math.isfinite(reported):
             raise SchemaError(Reason.NON_FINITE, f"reported {setpoint} is {reported}")

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "infra" / "grafana" / "dashboards"
-TABLES = ("readings", "sensor_windows", "twin_state", "anomalies", "alarms", "deadletters")
+TABLES = (
+    "readings",
+    "sensor_windows",
+    "twin_state",
+    "anomalies",
+    "alarms",
+    "deadletters",
+    "setpoints",
+)
 
 
 def dashboards() -> dict[str, dict[str, Any]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -211,6 +213,20 @@ def clean_env(**settings: str) -> dict[str, str]:
     )
     env.update({f"TWINFLOW_{key.upper()}": value for key, value in settings.items()})
     return env
+
+
+def snapshot_epoch(recovery_dir: Path) -> int:
+    """Newest epoch with a snapshot in a Bytewax recovery store (0 before the first)."""
+    newest = 0
+    for part in recovery_dir.glob("part-*.sqlite3"):
+        with contextlib.suppress(sqlite3.Error):
+            db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=1)
+            try:
+                (epoch,) = db.execute("SELECT max(snap_epoch) FROM snaps").fetchone()
+            finally:
+                db.close()
+            newest = max(newest, epoch or 0)
+    return newest
 
 
 def wait_for_line(log_file: Path, needle: str, timeout_s: float = 30.0) -> None:

@@ -195,7 +195,7 @@ class StepOutput:
     anomalies: list[Anomaly] = field(default_factory=list)
     """Every window scored above its entity's threshold."""
     alarms: list[Alarm] = field(default_factory=list)
-    """Every alarm transition (raised, cleared, re-baselined), in closing order."""
+    """Every alarm transition (windows closing, operators judging), in the order made."""
     late: list[LateReading] = field(default_factory=list)
     dead_letters: list[deadletter.DeadLetter] = field(default_factory=list)
     setpoints: list[SetpointChange] = field(default_factory=list)

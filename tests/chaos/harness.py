@@ -13,7 +13,6 @@ import contextlib
 import math
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import yaml
 from benchmarks.throughput import produce_workload, twinflow_env
 from benchmarks.workload import Expected, WorkloadConfig, twin_model
 from connectors.questdb import QuestDBError, QuestDBHttp
-from tests.helpers import wait_for_wal
+from tests.helpers import snapshot_epoch, wait_for_wal
 from twinflow.settings import Settings
 from twinflow.tables import Tables, tables
 
@@ -207,16 +206,7 @@ class FlowRun:
 
     def snapshot_epoch(self) -> int:
         """Newest epoch with a snapshot in the recovery store (0 before the first)."""
-        newest = 0
-        for part in self.recovery_dir.glob("part-*.sqlite3"):
-            with contextlib.suppress(sqlite3.Error):
-                db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=1)
-                try:
-                    (epoch,) = db.execute("SELECT max(snap_epoch) FROM snaps").fetchone()
-                finally:
-                    db.close()
-                newest = max(newest, epoch or 0)
-        return newest
+        return snapshot_epoch(self.recovery_dir)
 
     def wait_for_snapshot(self, timeout_s: float = 60) -> None:
         """Until an epoch newer than the store's newest so far is snapshotted."""

@@ -9,11 +9,9 @@ topics (the verdict now long in its topic) and must decide exactly the same.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import pytest
 
 from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
 from connectors.questdb import QuestDBError, QuestDBHttp
-from tests.helpers import clean_env, twinflow_cli, wait_for_wal
+from tests.helpers import clean_env, snapshot_epoch, twinflow_cli, wait_for_wal
 from twinflow.settings import Settings
 from twinflow.tables import tables
 from twinflow.topics import control_topics
@@ -77,18 +75,6 @@ class Flow:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-    def snapshot_epoch(self) -> int:
-        newest = 0
-        for part in self.recovery.glob("part-*.sqlite3"):
-            with contextlib.suppress(sqlite3.Error):
-                db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=1)
-                try:
-                    (epoch,) = db.execute("SELECT max(snap_epoch) FROM snaps").fetchone()
-                finally:
-                    db.close()
-                newest = max(newest, epoch or 0)
-        return newest
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -258,7 +244,7 @@ def test_a_rejected_alarm_ends_and_a_restarted_flow_decides_the_same(
     replayed.env["TWINFLOW_FLOW__BATCH_SIZE"] = "1"
     replayed.start()
     try:
-        _wait_until(lambda: replayed.snapshot_epoch() >= 1, replayed, "a snapshot")
+        _wait_until(lambda: snapshot_epoch(replayed.recovery) >= 1, replayed, "a snapshot")
         replayed.kill()
         del replayed.env["TWINFLOW_FLOW__BATCH_SIZE"]
         assert len(_rows(sql, again_names.twin_state.name, "ts")) < len(states), (

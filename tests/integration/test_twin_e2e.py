@@ -538,6 +538,19 @@ PANEL_COLUMNS = {
         "threshold",
         "anomalous_windows",
         "top_sensors",
+        "verdict",
+        "operator",
+        "note",
+    ),
+    "Setpoints: desired vs reported": (
+        "time",
+        "setpoint",
+        "status",
+        "desired",
+        "reported",
+        "command_id",
+        "expires",
+        "detail",
     ),
 }
 
