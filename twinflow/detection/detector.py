@@ -308,7 +308,7 @@ class EntityDetector:
             contributions=contributions,
         )
 
-    def rebaseline(self) -> None:
+    def rebaseline(self, *, settling: bool = False) -> None:
         """Accept the entity's current level as a normal operating point.
 
         The smoothed features as they are now become the means of a new regime (what the
@@ -319,13 +319,15 @@ class EntityDetector:
         (:class:`~twinflow.detection.alarms.AlarmTracker`), and by an operator's verdict
         that an alarm was normal.
 
-        A level accepted soon after it changed is still settling: the slow scale has
-        not caught up with it yet, and judged against where it stood at this call it
-        would alarm again as it moves on. So the new operating point follows each
-        feature until its slowest scale has settled: less than ``_SETTLED`` of it
-        remembers the time before this call, and it moves less than a standard deviation
-        in a window (with 1-Hz readings in 10-s windows: six windows or a few more; a
-        level that had long settled is followed for nothing new).
+        ``settling``: the level changed only recently (an operator rejected the alarm
+        it raised), so the slow scale has not caught up with it yet, and judged against
+        where it stood at this call it would alarm again as it moves on. The new
+        operating point then follows each feature until its slowest scale has settled:
+        less than ``_SETTLED`` of it remembers the time before this call, and it moves
+        less than a standard deviation in a window (with 1-Hz readings in 10-s windows:
+        six windows or a few more), and learns quickly from there. An alarm re-baselined
+        for lasting a warm-up has long settled, so it does not (following it anyway
+        moved SKAB's false-alarm rate from 9.2 % to 9.9 %).
         """
         if self._scores is None or self._smoother is None or self._rule is None:
             return
@@ -333,7 +335,7 @@ class EntityDetector:
         self._settling_regime = self._scores.add_regime(
             seen, self._smoother.means[seen], self.windows
         )
-        self._settling = np.where(self._smoother.seen, 1.0, 0.0)
+        self._settling = np.where(self._smoother.seen, 1.0, 0.0) if settling else None
         self._rule.persistence.clear()
 
     def _settle(

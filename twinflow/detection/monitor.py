@@ -82,7 +82,7 @@ class EntityMonitor:
         """
         alarms = self.alarms.feedback(alarm_id, verdict, operator, note)
         if any(alarm.event is AlarmEvent.REJECTED for alarm in alarms):
-            self.detector.rebaseline()
+            self.detector.rebaseline(settling=True)
         return alarms
 
     @property
