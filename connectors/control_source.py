@@ -4,7 +4,7 @@
 part reads both and hands every batch to every raw partition's twins (each applies what
 concerns the machines it holds), with the progress :mod:`twinflow.merge` orders them by:
 the newest broker timestamp read, or, once the broker confirms both partitions hold
-nothing more, the wall clock less :data:`~twinflow.merge.CAUGHT_UP_MARGIN_MS`. Its resume
+nothing more, the wall clock less a margin (``flow.back_channel_margin_s``). Its resume
 state is the next offset of each topic, snapshotted with the steps' states.
 
 A message that does not decode becomes a dead letter, on one partition's copy only.
@@ -24,7 +24,7 @@ from connectors.kafka_source import KafkaSourceError, flow_consumer, partition_k
 from schemas import control, deadletter
 from schemas.raw import Reason
 from twinflow import metrics
-from twinflow.merge import CAUGHT_UP_MARGIN_MS, ControlBatch, ControlMessage, ControlPayload
+from twinflow.merge import ControlBatch, ControlMessage, ControlPayload
 from twinflow.settings import KafkaSettings
 
 log = logging.getLogger("twinflow.source.control")
@@ -46,14 +46,16 @@ class BackChannelSource(FixedPartitionedSource[Item, Offsets]):
         raw_topic: str,
         feedback_topic: str,
         commands_topic: str,
+        margin_s: float,
         batch_size: int = 1000,
-        tick_s: float = 0.25,
+        tick_s: float = 0.1,
     ) -> None:
         self.kafka = kafka
         self.raw_topic = raw_topic
         self.topics = (feedback_topic, commands_topic)
         self.batch_size = batch_size
         self.tick_s = tick_s
+        self.margin_ms = int(margin_s * 1000)
 
     def list_parts(self) -> list[str]:
         """One part: both topics have one partition."""
@@ -142,7 +144,7 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
 
     def _caught_up(self) -> bool:
         """Whether both partitions are read to their end; if so, their progress is now."""
-        now_ms = time.time_ns() // 1_000_000 - CAUGHT_UP_MARGIN_MS
+        now_ms = time.time_ns() // 1_000_000 - self._source.margin_ms
         for topic in self._source.topics:
             try:
                 marks = self._consumer.get_watermark_offsets(

@@ -9,8 +9,9 @@ it. That needs to know, before taking a raw message, every back-channel message 
 before it, and before taking a back-channel message, every raw message stamped before
 it. Each stream therefore says how far it has been read (its *progress*): a batch's
 newest timestamp, or, when its source finds nothing more to read, the wall clock less
-:data:`CAUGHT_UP_MARGIN_MS` (for what a producer had stamped but the broker not yet
-shown). Whatever neither progress covers waits in the state, where recovery keeps it.
+a margin (``flow.back_channel_margin_s``: what was stamped but is not readable yet,
+and the hosts' clock skew). Whatever neither progress covers waits in the state, where
+recovery keeps it.
 
 The back channel is stamped by the broker (``LogAppendTime``), so its times never go
 backwards. Raw messages carry their producers' times; a raw message stamped more than
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from schemas import deadletter
 from schemas.control import Command, CommandResult, Feedback
 
-CAUGHT_UP_MARGIN_MS = 1_000
 NEVER_MS = -(2**62)
 ALWAYS_MS = 2**62
 
@@ -71,8 +71,9 @@ class Merge:
     """The merge of one raw partition with the back channel (picklable state).
 
     ``gated`` false: there is no back channel, raw messages go straight through.
+    ``margin_ms``: how far behind the wall clock a caught-up raw source has read all.
 
-    >>> merge = Merge(gated=True)
+    >>> merge = Merge(gated=True, margin_ms=250)
     >>> merge.add_raw("raw", 0, [7, 8], [1_000, 3_000], [b"a", b"b"], now_ms=3_100)
     >>> merge.ready()  # nothing is known of the back channel yet
     []
@@ -86,6 +87,7 @@ class Merge:
     """
 
     gated: bool
+    margin_ms: int = 0
     raw_progress_ms: int = NEVER_MS
     control_progress_ms: int = NEVER_MS
     held: RawRun | None = None
@@ -106,7 +108,7 @@ class Merge:
     ) -> None:
         """Take a raw batch; an empty one says the source has read all there is."""
         if not offsets:
-            self.raw_progress_ms = max(self.raw_progress_ms, now_ms - CAUGHT_UP_MARGIN_MS)
+            self.raw_progress_ms = max(self.raw_progress_ms, now_ms - self.margin_ms)
             return
         self.raw_progress_ms = max(self.raw_progress_ms, max(timestamps_ms))
         if self.held is None:

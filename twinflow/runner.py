@@ -99,6 +99,7 @@ def run_flow(
                 settings.topics.raw,
                 settings.topics.feedback,
                 settings.topics.commands,
+                settings.flow.back_channel_margin_s,
             ),
             questdb_sink=QuestDBSink(settings.questdb),
             kafka_sink=KafkaOutputSink(settings.kafka),

@@ -368,6 +368,13 @@ class FlowSettings(_Section):
         default=7 * 86_400.0, gt=0, description="older readings are dead letters"
     )
     batch_size: int = Field(default=5000, ge=1, description="Kafka messages per step call")
+    back_channel_margin_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=60,
+        description="a source that finds nothing more to read has read all stamped this "
+        "long before now: the broker's stamp-to-readable time plus the hosts' clock skew",
+    )
     snapshot_interval_s: float = Field(default=10.0, gt=0, description="recovery snapshot interval")
     recovery_dir: Path | None = Field(
         default=None, description="recovery store (mode 0700); default STATE_DIR/recovery"

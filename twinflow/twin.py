@@ -335,7 +335,7 @@ class PartitionTwins:
         self._live_ms = 0
         """System time this partition's step has been live, stalls capped."""
         self._last_step_wall_ms: int | None = None
-        self._merge = Merge(gated=back_channel)
+        self._merge = Merge(gated=back_channel, margin_ms=int(flow.back_channel_margin_s * 1000))
         self._setpoints: dict[str, dict[str, Setpoint]] = {}
         """Per entity of the model (held here or not: a command may come before its
         machine's first reading), per setpoint."""
@@ -383,7 +383,7 @@ class PartitionTwins:
         series.columns = None
 
     def _advance(self, now_ms: int) -> int:
-        # Raw messages held longer than the back channel's usual second are waiting for
+        # Raw messages held longer than the back channel's usual wait are waiting for
         # it (a stalled source, a broker outage): that time is the pipeline's silence
         # too, as the entities whose messages wait have not been heard yet.
         held = self._merge.held

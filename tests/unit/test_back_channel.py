@@ -19,7 +19,7 @@ from schemas.control import Command, CommandResult, DeliveryStatus, Feedback, Ve
 from schemas.outputs import AlarmEvent, SetpointStatus, Status, TwinState
 from schemas.raw import Reason
 from twinflow.detection import DetectorConfig
-from twinflow.merge import CAUGHT_UP_MARGIN_MS, ControlBatch, ControlMessage, ControlPayload
+from twinflow.merge import ControlBatch, ControlMessage, ControlPayload
 from twinflow.settings import FlowSettings, load_settings
 from twinflow.twin import InputMessage, PartitionTwins, StepOutput
 from twinflow.twin_model import load_twin_model
@@ -92,7 +92,7 @@ def _feed(
         while control_at < len(control) and control[control_at].timestamp_ms <= now:
             fresh.append(control[control_at])
             control_at += 1
-        yield ControlBatch(tuple(fresh), now - CAUGHT_UP_MARGIN_MS)
+        yield ControlBatch(tuple(fresh), now - int(_flow().back_channel_margin_s * 1000))
         while raw_at < len(raw) and raw[raw_at].timestamp_ms <= now:
             yield raw[raw_at : raw_at + batch]
             raw_at += batch
