@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import signal
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -56,16 +57,34 @@ def recovery_config(settings: Settings) -> RecoveryConfig | None:
         return None
     store = settings.flow.recovery_dir or settings.state_dir / "recovery"
     if not store.exists():
-        store.mkdir(parents=True, mode=0o700)
-        os.chmod(store, 0o700)  # mkdir's mode is filtered by the umask
-        init_db_dir(store, RECOVERY_PARTITIONS)
-        log.info("created recovery store %s (%d partitions)", store, RECOVERY_PARTITIONS)
+        _create_store(store)
     elif store.stat().st_mode & 0o077:
         raise ConfigError(
             f"recovery store {store} is readable by others; its snapshots are pickles. "
             f"Run chmod 700 {store}"
         )
     return RecoveryConfig(str(store))
+
+
+def _create_store(store: Path) -> None:
+    """Create the store whole, or take the one another process of the cluster made.
+
+    The processes of a cluster start together and each finds no store: each builds one
+    beside it and renames it into place, which only the first rename does.
+    """
+    store.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{store.name}-", dir=store.parent))
+    try:  # mkdtemp makes it private (0700): snapshots are pickles
+        init_db_dir(building, RECOVERY_PARTITIONS)
+        building.rename(store)
+    except OSError:
+        if not store.is_dir():
+            raise
+        log.info("recovery store %s was created by another process", store)
+    else:
+        log.info("created recovery store %s (%d partitions)", store, RECOVERY_PARTITIONS)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def run_flow(
