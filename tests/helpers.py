@@ -14,7 +14,10 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+from asyncua.crypto import cert_gen
 from confluent_kafka import Consumer, Message
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.kafka import client_config
@@ -213,6 +216,24 @@ def clean_env(**settings: str) -> dict[str, str]:
     )
     env.update({f"TWINFLOW_{key.upper()}": value for key, value in settings.items()})
     return env
+
+
+def opcua_certificate(
+    directory: Path, name: str, uri: str, usage: list[x509.ObjectIdentifier]
+) -> tuple[Path, Path]:
+    """A self-signed OPC UA application certificate (DER) and key (PEM) in ``directory``."""
+    key = cert_gen.generate_private_key()
+    certificate = cert_gen.generate_self_signed_app_certificate(
+        key,
+        name,
+        {},
+        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        extended=usage,
+    )
+    cert_file, key_file = directory / f"{name}.der", directory / f"{name}.pem"
+    cert_file.write_bytes(certificate.public_bytes(Encoding.DER))
+    key_file.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_file, key_file
 
 
 def snapshot_epoch(recovery_dir: Path) -> int:

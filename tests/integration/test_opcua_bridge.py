@@ -26,17 +26,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 from asyncua import Client, ua
-from asyncua.crypto import cert_gen
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import SecretStr
 
 from connectors.kafka import TopicSpec, client_config, ensure_topics
 from schemas.raw import decode_raw
-from tests.helpers import free_ports, sample, scrape
+from tests.helpers import free_ports, opcua_certificate, sample, scrape
 from tests.opcua_server_process import (
     DROPOUT_EVERY,
     DROPOUT_TICK,
@@ -521,23 +518,6 @@ def test_a_silent_network_drop_is_detected_and_no_reading_is_sent_twice(
     assert int(stats["reconnects"]) == 1
 
 
-def _certificate(
-    directory: Path, name: str, uri: str, usage: list[x509.ObjectIdentifier]
-) -> tuple[Path, Path]:
-    key = cert_gen.generate_private_key()
-    certificate = cert_gen.generate_self_signed_app_certificate(
-        key,
-        name,
-        {},
-        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
-        extended=usage,
-    )
-    cert_file, key_file = directory / f"{name}.der", directory / f"{name}.pem"
-    cert_file.write_bytes(certificate.public_bytes(Encoding.DER))
-    key_file.write_bytes(cert_gen.dump_private_key_as_pem(key))
-    return cert_file, key_file
-
-
 def _refused(settings: Settings, model: TwinModel) -> OpcUaSecurityError:
     """Run the bridge and return the security error it must stop with."""
     errors: list[BaseException] = []
@@ -564,13 +544,13 @@ def test_basic256sha256_with_password_and_pinned_server(
     bridged: Settings, model: TwinModel, tmp_path: Path, chaos_table: list[dict[str, object]]
 ) -> None:
     server_uri = "urn:twinflow:test:server"
-    server_cert, server_key = _certificate(
+    server_cert, server_key = opcua_certificate(
         tmp_path, "server", server_uri, [ExtendedKeyUsageOID.SERVER_AUTH]
     )
-    client_cert, client_key = _certificate(
+    client_cert, client_key = opcua_certificate(
         tmp_path, "client", "urn:twinflow:test:bridge", [ExtendedKeyUsageOID.CLIENT_AUTH]
     )
-    impostor_cert, _ = _certificate(
+    impostor_cert, _ = opcua_certificate(
         tmp_path, "impostor", server_uri, [ExtendedKeyUsageOID.SERVER_AUTH]
     )
     secure = bridged.opcua.model_copy(

@@ -32,20 +32,17 @@ import paho.mqtt.client as mqtt
 import pytest
 from asyncua import ua
 from asyncua.client.client import Client
-from asyncua.crypto import cert_gen
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaStatusCodeError
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import SecretStr
 
 from connectors.mqtt import new_client
 from schemas.control import Command, encode
 from schemas.raw import decode_raw
-from tests.helpers import clean_env, free_ports, isolated_settings, wait_for_line
+from tests.helpers import clean_env, free_ports, isolated_settings, opcua_certificate, wait_for_line
 from twinflow.services import manager
 from twinflow.services.provision import find_executable
 from twinflow.settings import MqttSettings, Settings
@@ -368,23 +365,6 @@ def test_mqtt_commands_are_applied_once_and_never_late(
 # --- OPC UA ----------------------------------------------------------------------------
 
 
-def _certificate(
-    directory: Path, name: str, uri: str, usage: list[x509.ObjectIdentifier]
-) -> tuple[Path, Path]:
-    key = cert_gen.generate_private_key()
-    certificate = cert_gen.generate_self_signed_app_certificate(
-        key,
-        name,
-        {},
-        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
-        extended=usage,
-    )
-    cert_file, key_file = directory / f"{name}.der", directory / f"{name}.pem"
-    cert_file.write_bytes(certificate.public_bytes(Encoding.DER))
-    key_file.write_bytes(cert_gen.dump_private_key_as_pem(key))
-    return cert_file, key_file
-
-
 @dataclass(frozen=True)
 class _Login:
     endpoint: str
@@ -525,10 +505,10 @@ async def _drive_opcua(login: _Login, baseline: Baseline) -> None:
 def test_opcua_writes_of_the_command_nodes_are_commands(
     settings: Settings, model: TwinModel, tmp_path: Path
 ) -> None:
-    server_cert, server_key = _certificate(
+    server_cert, server_key = opcua_certificate(
         tmp_path, "server", "urn:twinflow:test:server", [ExtendedKeyUsageOID.SERVER_AUTH]
     )
-    client_cert, client_key = _certificate(
+    client_cert, client_key = opcua_certificate(
         tmp_path, "client", "urn:twinflow:test:bridge", [ExtendedKeyUsageOID.CLIENT_AUTH]
     )
     (port,) = free_ports(1)
