@@ -101,6 +101,66 @@ class AlarmKind(StrEnum):
 
     ANOMALY = "anomaly"
     """The entity's anomaly model flagged its windows."""
+    MAINTENANCE_DUE = "maintenance_due"
+    """A sensor's trend will reach its alarm limit within the maintenance horizon (the
+    lower bound of its time to limit is under it)."""
+
+
+class LimitForecast(msgspec.Struct, frozen=True):
+    """When one sensor's trend reaches its alarm limit (predictive maintenance).
+
+    Made from the sensor's window means, bucketed, by a linear trend whose slope is
+    significant; a sensor without a significant trend towards a limit has none. Times
+    to limit count from ``ts_ms``, the end of the window the forecast was made at.
+    """
+
+    sensor: str
+    ts_ms: int
+    limit: str
+    """Which limit: ``alarm_high`` or ``alarm_low``."""
+    limit_value: float
+    level: float
+    """The trend's value at ``ts_ms``, in the sensor's canonical unit."""
+    slope_per_h: float
+    """Canonical units per hour."""
+    time_to_limit_s: float
+    """0 when the trend is already past the limit."""
+    time_to_limit_low_s: float
+    """Lower bound (the steepest slope the data allow, at 95 %)."""
+    time_to_limit_high_s: float | None
+    """Upper bound; None when the data allow a slope that never gets there."""
+    since_ms: int
+    """Start of the history the trend was fitted on."""
+
+    def crossing_ms(self) -> int:
+        """Event time the trend reaches the limit."""
+        return self.ts_ms + round(self.time_to_limit_s * 1000)
+
+    def at(self, ts_ms: int) -> LimitForecast:
+        """The same forecast told from a later ``ts_ms``.
+
+        The level moves along the trend; the times to limit shorten (never below 0).
+
+        >>> f = LimitForecast("t", 0, "alarm_high", 90.0, 80.0, 1.0, 36000.0, 18000.0, None, 0)
+        >>> g = f.at(3_600_000)
+        >>> g.level, g.time_to_limit_s, g.time_to_limit_low_s, g.time_to_limit_high_s
+        (81.0, 32400.0, 14400.0, None)
+        """
+        elapsed_s = (ts_ms - self.ts_ms) / 1000
+
+        def left(seconds: float) -> float:
+            return max(seconds - elapsed_s, 0.0)
+
+        return msgspec.structs.replace(
+            self,
+            ts_ms=ts_ms,
+            level=self.level + self.slope_per_h * elapsed_s / 3600,
+            time_to_limit_s=left(self.time_to_limit_s),
+            time_to_limit_low_s=left(self.time_to_limit_low_s),
+            time_to_limit_high_s=None
+            if self.time_to_limit_high_s is None
+            else left(self.time_to_limit_high_s),
+        )
 
 
 class AlarmEvent(StrEnum):
@@ -140,7 +200,8 @@ class Alarm(msgspec.Struct, frozen=True):
     msg_id: str
     """``<alarm_id>/<event>``: the same whenever the flow emits this transition again."""
     alarm_id: str
-    """``<entity_id>@<start_ms>``."""
+    """``<entity_id>@<start_ms>`` for anomalies, ``<entity_id>/maintenance_due@<start_ms>``
+    for maintenance."""
     entity_id: str
     kind: AlarmKind
     event: AlarmEvent
@@ -170,6 +231,9 @@ class Alarm(msgspec.Struct, frozen=True):
     """Who gave the latest acknowledgement or verdict."""
     note: str | None = None
     """What they wrote with it."""
+    forecast: LimitForecast | None = None
+    """``maintenance_due`` only: the latest forecast that found maintenance due (its
+    sensor, time to limit and bounds)."""
 
 
 class SensorState(msgspec.Struct, frozen=True):
@@ -246,6 +310,9 @@ class TwinState(msgspec.Struct, frozen=True):
     version: int = VERSION
     setpoints: dict[str, SetpointState] = msgspec.field(default_factory=dict)
     """Desired vs reported per writable setpoint of its asset type."""
+    forecasts: dict[str, LimitForecast] = msgspec.field(default_factory=dict)
+    """Per sensor whose trend is heading for an alarm limit: when it gets there. Times to
+    limit count from this state's ``ts_ms``."""
 
 
 class SetpointChange(msgspec.Struct, frozen=True):

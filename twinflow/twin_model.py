@@ -53,6 +53,53 @@ class UnitConversion(_Strict):
         return (value - self.offset) / self.factor
 
 
+class OperatingLimits(_Strict):
+    """Where a sensor's value stops being healthy operation (not where it stops being valid).
+
+    ``warn_*`` is where an operator should look, ``alarm_*`` where the machine must not
+    run (a trip, a vibration severity zone D): the limit predictive maintenance
+    forecasts the crossing of. Any may be left out; each side's warn limit lies inside
+    its alarm limit.
+    """
+
+    warn_low: float | None = None
+    warn_high: float | None = None
+    alarm_low: float | None = None
+    alarm_high: float | None = None
+
+    @model_validator(mode="after")
+    def _nested(self) -> Self:
+        for name in ("warn_low", "warn_high", "alarm_low", "alarm_high"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if (
+            self.warn_high is not None
+            and self.alarm_high is not None
+            and self.warn_high >= self.alarm_high
+        ):
+            raise ValueError(
+                f"warn_high ({self.warn_high:g}) must be below alarm_high "
+                f"({self.alarm_high:g}): a warning comes before the alarm"
+            )
+        if (
+            self.warn_low is not None
+            and self.alarm_low is not None
+            and self.warn_low <= self.alarm_low
+        ):
+            raise ValueError(
+                f"warn_low ({self.warn_low:g}) must be above alarm_low "
+                f"({self.alarm_low:g}): a warning comes before the alarm"
+            )
+        lows = [v for v in (self.warn_low, self.alarm_low) if v is not None]
+        highs = [v for v in (self.warn_high, self.alarm_high) if v is not None]
+        if lows and highs and max(lows) >= min(highs):
+            raise ValueError(
+                f"the low limits ({max(lows):g}) must lie below the high limits ({min(highs):g})"
+            )
+        return self
+
+
 class SensorSpec(_Strict):
     """One sensor of an asset type, with the rules readings are cleaned by."""
 
@@ -63,6 +110,9 @@ class SensorSpec(_Strict):
     range: tuple[float, float] = Field(description="valid physical range [min, max]")
     max_rate: float = Field(gt=0, description="largest plausible change per second")
     stuck_after_s: float = Field(gt=0, description="unchanged this long means stuck")
+    limits: OperatingLimits | None = Field(
+        default=None, description="operating limits, inside the physical range"
+    )
     description: str = ""
 
     @field_validator("range")
@@ -77,6 +127,19 @@ class SensorSpec(_Strict):
     def _canonical_not_repeated(self) -> Self:
         if self.unit in self.accepted_units:
             raise ValueError(f"accepted_units repeats the canonical unit {self.unit!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _limits_inside_range(self) -> Self:
+        if self.limits is None:
+            return self
+        low, high = self.range
+        for name, value in self.limits.model_dump(exclude_none=True).items():
+            if not low < value < high:
+                raise ValueError(
+                    f"limits.{name} ({value:g}) must lie inside the range [{low:g}, {high:g}]: "
+                    "a reading outside the range is invalid, so it could never be forecast"
+                )
         return self
 
     def conversion(self, unit: str | None) -> UnitConversion | None:

@@ -46,6 +46,31 @@ def test_example_plant_is_valid_and_large_enough() -> None:
             r"asset_types\.pump\.sensors\.flow\.range: .*min < max",
         ),
         (
+            lambda d: d["asset_types"]["pump"]["sensors"]["vibration_rms"].update(
+                limits={"warn_high": 8.0, "alarm_high": 7.1}
+            ),
+            r"asset_types\.pump\.sensors\.vibration_rms\.limits: warn_high \(8\) must be below "
+            r"alarm_high \(7\.1\)",
+        ),
+        (
+            lambda d: d["asset_types"]["pump"]["sensors"]["flow"].update(
+                limits={"alarm_low": 20.0, "warn_low": 10.0}
+            ),
+            r"sensors\.flow\.limits: warn_low \(10\) must be above alarm_low \(20\)",
+        ),
+        (
+            lambda d: d["asset_types"]["pump"]["sensors"]["flow"].update(
+                limits={"alarm_low": 300.0, "alarm_high": 200.0}
+            ),
+            r"sensors\.flow\.limits: the low limits \(300\) must lie below the high limits",
+        ),
+        (
+            lambda d: d["asset_types"]["pump"]["sensors"]["flow"].update(
+                limits={"alarm_high": 500.0}
+            ),
+            r"sensors\.flow: limits\.alarm_high \(500\) must lie inside the range \[0, 400\]",
+        ),
+        (
             lambda d: d["entities"][3].update(type="pmp"),
             r"entities\[3\] \(motor-002\): unknown asset type 'pmp' "
             r"\(known: compressor, motor, pump\)",

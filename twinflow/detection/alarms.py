@@ -21,6 +21,11 @@ acknowledged; ``confirm`` marks it a true fault, which is then never re-baseline
 caller also keeps its windows out of learning); ``reject`` ends it as a false alarm
 (the caller makes the model accept the level).
 
+The same lifecycle serves predictive maintenance (``kind`` ``maintenance_due``, see
+:mod:`twinflow.maintenance`): its "anomalous windows" are trend updates whose time to
+limit falls inside the horizon, it carries the latest forecast, and it is never
+re-baselined (a machine wearing out is no new normal).
+
 Every transition is one :class:`~schemas.outputs.Alarm` message, emitted once. Pure code
 and plain state (a few numbers and one small struct), so it pickles with the entity.
 """
@@ -30,7 +35,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.control import Verdict
-from schemas.outputs import Alarm, AlarmEvent, AlarmKind, AlarmVerdict, Contribution
+from schemas.outputs import (
+    Alarm,
+    AlarmEvent,
+    AlarmKind,
+    AlarmVerdict,
+    Contribution,
+    LimitForecast,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ class _Incident:
     confirmed: bool = False
     operator: str | None = None
     note: str | None = None
+    forecast: LimitForecast | None = None
+    """The latest forecast that found maintenance due (maintenance alarms only)."""
 
 
 @dataclass
@@ -92,6 +106,7 @@ class AlarmTracker:
 
     entity_id: str
     policy: AlarmPolicy
+    kind: AlarmKind = AlarmKind.ANOMALY
     incident: _Incident | None = None
     raised: int = 0
     """Alarms raised so far."""
@@ -109,6 +124,7 @@ class AlarmTracker:
         contributions: list[Contribution],
         start_ms: int,
         end_ms: int,
+        forecast: LimitForecast | None = None,
     ) -> list[Alarm]:
         """Take one scored window's verdict; the transitions it caused, in order."""
         incident = self.incident
@@ -123,6 +139,7 @@ class AlarmTracker:
                 list(contributions),
                 last_anomalous_end_ms=end_ms,
                 last_end_ms=end_ms,
+                forecast=forecast,
             )
             return [self._event(incident, AlarmEvent.RAISED, end_ms, active=True)]
         incident.windows += 1
@@ -131,6 +148,8 @@ class AlarmTracker:
             incident.anomalous_windows += 1
             incident.last_anomalous_end_ms = end_ms
             incident.normal_run = 0
+            if forecast is not None:
+                incident.forecast = forecast
             if score > incident.peak_score:
                 incident.peak_score = score
                 incident.contributions = list(contributions)
@@ -198,7 +217,10 @@ class AlarmTracker:
         return [self._event(incident, AlarmEvent.ACKNOWLEDGED, incident.last_end_ms, active=True)]
 
     def _id(self, incident: _Incident) -> str:
-        return f"{self.entity_id}@{incident.start_ms}"
+        if self.kind is AlarmKind.ANOMALY:
+            return f"{self.entity_id}@{incident.start_ms}"
+        # Entity ids never hold "/": the kind keeps the two lifecycles' ids apart.
+        return f"{self.entity_id}/{self.kind.value}@{incident.start_ms}"
 
     def _event(
         self,
@@ -214,7 +236,7 @@ class AlarmTracker:
             msg_id=f"{alarm_id}/{event.value}",
             alarm_id=alarm_id,
             entity_id=self.entity_id,
-            kind=AlarmKind.ANOMALY,
+            kind=self.kind,
             event=event,
             active=active,
             ts_ms=ts_ms,
@@ -234,4 +256,5 @@ class AlarmTracker:
             ),
             operator=incident.operator,
             note=incident.note,
+            forecast=incident.forecast,
         )
