@@ -2,18 +2,19 @@
 
 Window means are averaged into buckets (15 min by default): long against a plant's
 process cycles (minutes), short against the wear this is for (hours to days). At the
-end of every bucket each sensor with an alarm limit gets a least-squares line through
-its bucket history (:mod:`twinflow.maintenance.trend`), and a forecast when its slope is
-significant and heads for a limit. When the forecast's lower bound of time to limit
-falls inside ``horizon_h``, the entity's ``maintenance_due`` alarm is raised, through
-the alarm lifecycle anomalies use (:class:`~twinflow.detection.alarms.AlarmTracker`).
+end of every bucket each sensor with an alarm limit gets a least-squares trend (a line
+and a daily cycle) through its bucket history (:mod:`twinflow.maintenance.trend`), and
+a forecast when its slope is significant and heads for a limit. When the forecast's
+lower bound of time to limit falls inside ``horizon_h``, the entity's
+``maintenance_due`` alarm is raised, through the alarm lifecycle anomalies use
+(:class:`~twinflow.detection.alarms.AlarmTracker`).
 
-A history restarts where the series breaks from its trend: two buckets in a row
-outside the line's prediction interval (``break_z``) mean the line no longer describes
-the machine (a repair, a new setpoint, a new load), so only buckets from the first of
-those on are fitted. That is what makes a repaired machine's forecast and alarm go
-away, and what keeps a level shift from passing for a trend. An operator's ``reject``
-restarts every history of the entity at once.
+Where the series jumps (:func:`~twinflow.maintenance.trend.jumps`: a new setpoint, a
+stop, a repair) a new segment starts: the fit gives each segment its own level and
+shares one slope, so a level shift never passes for a trend and a trend runs on across
+setpoint changes. After a repair, the shortest span that settles the question holds
+only the new, flat segment, which rules maintenance out: the alarm clears. An
+operator's ``reject`` restarts every history of the entity.
 
 Pure code, plain state (a few small numpy arrays and one alarm tracker): it pickles in
 about a kilobyte per sensor and costs a few dictionary lookups per window; the fit runs
@@ -31,10 +32,23 @@ import numpy as np
 from schemas.control import Verdict
 from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Contribution, LimitForecast, SensorWindow
 from twinflow.detection.alarms import AlarmPolicy, AlarmTracker
-from twinflow.maintenance.trend import Trends, fit_spans, student_t, time_to_limit
+from twinflow.maintenance.trend import (
+    Rule,
+    Trends,
+    daily_cycle,
+    fit_spans,
+    jumps,
+    student_t,
+    time_to_limit,
+)
 from twinflow.twin_model import SensorSpec
 
 _HOUR_MS = 3_600_000
+_BREAKS = 16
+"""Recent jumps remembered per sensor, for measuring its daily cycle across them."""
+_FILLS = 16
+"""Recent buckets whose window counts say how full a bucket of the sensor usually is."""
+"""Recent jumps remembered per sensor, for measuring its daily cycle across them."""
 
 
 @dataclass(frozen=True)
@@ -64,16 +78,21 @@ class MaintenanceConfig:
     with the autocorrelation-adjusted degrees of freedom, at this normal quantile)."""
     confidence: float = 1.96
     """Bounds of time to limit: this normal quantile (95 %), t-corrected likewise."""
-    break_z: float = 3.0
-    break_run: int = 2
-    """A history restarts after this many buckets in a row beyond ``break_z`` of its
-    line's prediction."""
+    jump_z: float = 5.0
+    """A new segment (its own level) starts where the mean of two buckets changed from
+    the two before by more than this many robust standard deviations of such changes."""
     horizon_h: float = 48.0
     """Maintenance is due when the lower bound of time to limit is under this."""
+    raise_buckets: int = 4
+    """Buckets in a row with maintenance due that raise the alarm (an hour): a 48-hour
+    warning loses nothing by waiting an hour for the evidence to hold."""
     clear_buckets: int = 4
-    """Buckets in a row without maintenance due that clear the alarm (an hour)."""
+    """Buckets in a row whose data rule maintenance out (within the horizon even at the
+    steepest slope they allow) that clear the alarm (an hour)."""
     min_fill: float = 0.5
-    """Share of a bucket's windows a sensor needs for the bucket to count."""
+    """A bucket counts for a sensor when it holds this share of the sensor's usual
+    windows per bucket (the median of its recent buckets): a partial bucket (a start, a
+    gap) would weigh a part of the day like all of it."""
 
     def __post_init__(self) -> None:
         if self.bucket_s <= 0 or self.history_h * 3600 < self.bucket_s * self.min_buckets:
@@ -83,6 +102,11 @@ class MaintenanceConfig:
             )
         if self.min_buckets < 4:
             raise ValueError(f"min_buckets must be at least 4, got {self.min_buckets}")
+
+    @property
+    def rule(self) -> Rule:
+        """How the trends weigh their evidence."""
+        return Rule(self.spans_h, self.significance, self.confidence, self.horizon_h)
 
     @property
     def bucket_ms(self) -> int:
@@ -149,7 +173,7 @@ class MaintenanceMonitor:
     ...                   limits=OperatingLimits(alarm_high=7.1))
     >>> monitor = MaintenanceMonitor("pump-001", {"vibration_rms": spec})
     >>> alarms = []
-    >>> for i in range(4 * 360):  # 10-s windows rising 0.1 mm/s an hour
+    >>> for i in range(30 * 360):  # 10-s windows rising 0.1 mm/s an hour; a day to learn
     ...     value = 2.0 + 0.1 * i / 360 + 0.01 * (i % 7)
     ...     window = SensorWindow("pump-001", "vibration_rms", i * 10_000, (i + 1) * 10_000,
     ...                           10, value, value, value, 0.0, value, 0.0, 0)
@@ -158,10 +182,10 @@ class MaintenanceMonitor:
     ...     alarms.extend(verdict.alarms)
     >>> forecast = verdict.forecasts["vibration_rms"]
     >>> round(forecast.slope_per_h, 2), round(forecast.time_to_limit_s / 3600, 1)
-    (0.1, 46.7)
+    (0.1, 20.7)
     >>> first = alarms[0]
     >>> first.kind.value, first.event.value, first.alarm_id, first.forecast.sensor
-    ('maintenance_due', 'raised', 'pump-001/maintenance_due@9000000', 'vibration_rms')
+    ('maintenance_due', 'raised', 'pump-001/maintenance_due@89100000', 'vibration_rms')
     """
 
     entity_id: str
@@ -175,14 +199,13 @@ class MaintenanceMonitor:
         self._times_h = np.full(capacity, np.nan)
         self._values = np.full((n, capacity), np.nan)
         self._since_h = np.full(n, -np.inf)
-        self._misses = np.zeros(n, dtype=np.int64)
-        self._first_miss_h = np.full(n, -np.inf)
-        self._trends: Trends | None = None
-        self._trends_at_h = 0.0
+        self._breaks_h = np.full((n, _BREAKS), np.nan)
+        self._closed_h = 0.0
         self._bucket = -1
+        self._due_run = 0
         self._sums = np.zeros(n)
         self._counts = np.zeros(n, dtype=np.int64)
-        self._window_ms = 0
+        self._fills = np.zeros((n, _FILLS), dtype=np.int64)
         self.alarms = AlarmTracker(
             self.entity_id, self.config.alarm_policy, kind=AlarmKind.MAINTENANCE_DUE
         )
@@ -208,7 +231,6 @@ class MaintenanceMonitor:
                 alarms = self._close()
                 updated = True
             self._bucket = bucket
-        self._window_ms = end_ms - start_ms
         for k, name in enumerate(self._limits.names):
             window = windows.get(name)
             if window is not None and window.count:
@@ -227,8 +249,7 @@ class MaintenanceMonitor:
         """
         alarms = self.alarms.feedback(alarm_id, verdict, operator, note)
         if any(alarm.event is AlarmEvent.REJECTED for alarm in alarms):
-            self._since_h[:] = self._trends_at_h
-            self._misses[:] = 0
+            self._since_h[:] = self._closed_h
             self.forecasts = {}
         return alarms
 
@@ -249,56 +270,61 @@ class MaintenanceMonitor:
         bucket_ms = config.bucket_ms
         start_ms = self._bucket * bucket_ms
         end_ms = start_ms + bucket_ms
-        expected = bucket_ms / max(self._window_ms, 1)
-        enough = self._counts >= max(1.0, config.min_fill * expected)
+        # Against the sensor's usual count, not the windows a bucket could hold: a
+        # sensor read once a minute fills a sixth of the 10-s windows, and always has.
+        self._fills[:, :-1] = self._fills[:, 1:]
+        self._fills[:, -1] = self._counts
+        usual = np.median(np.where(self._fills > 0, self._fills, np.nan), axis=1)
+        enough = self._counts >= np.maximum(1.0, config.min_fill * np.nan_to_num(usual))
         means = np.where(enough, self._sums / np.maximum(self._counts, 1), np.nan)
         self._sums[:] = 0.0
         self._counts[:] = 0
         self._bucket = -1
         centre_h = (start_ms + bucket_ms / 2) / _HOUR_MS
         now_h = end_ms / _HOUR_MS
-        self._note_breaks(means, centre_h)
 
         self._times_h[:-1] = self._times_h[1:]
         self._times_h[-1] = centre_h
         self._values[:, :-1] = self._values[:, 1:]
         self._values[:, -1] = means
+        jumped = jumps(self._values, config.jump_z)
+        self._breaks_h[jumped, :-1] = self._breaks_h[jumped, 1:]
+        self._breaks_h[jumped, -1] = self._times_h[-4]
+        cycle = daily_cycle(self._times_h, self._values, self._breaks_h, now_h)
         trends = fit_spans(
             self._times_h,
-            self._values,
+            self._values - cycle.at(self._times_h),
             np.maximum(self._since_h, now_h - config.history_h),
+            self._breaks_h,
             now_h,
-            config.spans_h,
-            config.significance,
+            cycle.error,
+            (self._limits.high, self._limits.low),
+            config.rule,
         )
-        self._trends, self._trends_at_h = trends, now_h
-        self.forecasts = self._forecasts(trends, end_ms)
-        return self._judge(start_ms, end_ms)
+        self._closed_h = now_h
+        self.forecasts, ruled_out = self._forecasts(trends, end_ms)
+        return self._judge(ruled_out, start_ms, end_ms)
 
-    def _note_breaks(self, means: np.ndarray, centre_h: float) -> None:
-        trends = self._trends
-        if trends is None:
-            return
-        predicted, spread = trends.predict(centre_h, self._trends_at_h)
-        seen = ~np.isnan(means)
-        fitted = trends.count >= self.config.min_buckets
-        with np.errstate(invalid="ignore"):
-            missed = seen & fitted & (np.abs(means - predicted) > self.config.break_z * spread)
-        starting = missed & (self._misses == 0)
-        self._first_miss_h[starting] = centre_h
-        self._misses = np.where(missed, self._misses + 1, np.where(seen, 0, self._misses))
-        broken = self._misses >= self.config.break_run
-        self._since_h[broken] = self._first_miss_h[broken]
-        self._misses[broken] = 0
+    def _forecasts(self, trends: Trends, now_ms: int) -> tuple[dict[str, LimitForecast], bool]:
+        """The forecasts after a fit, and whether the data rule maintenance out.
 
-    def _forecasts(self, trends: Trends, now_ms: int) -> dict[str, LimitForecast]:
+        A sensor's forecast stands until a later fit decides (a new trend replaces it,
+        a ruled-out one drops it): not knowing, after a restart or in a noisy stretch,
+        is not healthy. Maintenance is ruled out when it is for every sensor.
+        """
         config = self.config
         limits = self._limits
         forecasts: dict[str, LimitForecast] = {}
         for k, name in enumerate(limits.names):
-            count = int(trends.count[k])
-            slope, slope_se = float(trends.slope[k]), float(trends.slope_se[k])
-            if count < config.min_buckets or not trends.significant[k] or slope == 0:
+            slope = float(trends.slope[k])
+            decided = int(trends.count[k]) >= config.min_buckets and (
+                trends.significant[k] or trends.ruled_out[k]
+            )
+            if not decided:
+                if name in self.forecasts:
+                    forecasts[name] = self.forecasts[name]
+                continue
+            if not trends.significant[k] or slope == 0:
                 continue
             limit_name, limit = (
                 ("alarm_high", float(limits.high[k]))
@@ -307,34 +333,47 @@ class MaintenanceMonitor:
             )
             if math.isnan(limit):
                 continue
+            level = float(trends.level[k])
             hours, low, high = time_to_limit(
-                float(trends.level[k]),
+                level,
                 slope,
-                slope_se,
+                float(trends.slope_se[k]),
                 float(trends.level_se[k]),
                 limit,
                 student_t(config.confidence, float(trends.dof[k])),
+                float(trends.tilt[k]),
             )
             forecasts[name] = LimitForecast(
                 sensor=name,
                 ts_ms=now_ms,
                 limit=limit_name,
                 limit_value=limit,
-                level=float(trends.level[k]),
+                level=level,
                 slope_per_h=slope,
                 time_to_limit_s=hours * 3600,
                 time_to_limit_low_s=low * 3600,
                 time_to_limit_high_s=None if high is None else high * 3600,
                 since_ms=round(float(trends.first_h[k]) * _HOUR_MS),
             )
-        return forecasts
+        enough = trends.count >= config.min_buckets
+        return forecasts, bool(np.all(trends.ruled_out & enough))
 
-    def _judge(self, start_ms: int, end_ms: int) -> list[Alarm]:
+    def _judge(self, ruled_out: bool, start_ms: int, end_ms: int) -> list[Alarm]:
+        """Feed the bucket's verdict to the alarm: due, ruled out, or (neither) unknown.
+
+        An unknown bucket neither raises nor counts towards clearing, so an alarm does
+        not end because a restart left too little history to say anything.
+        """
         horizon_s = self.config.horizon_h * 3600
         due = [f for f in self.forecasts.values() if f.time_to_limit_low_s < horizon_s]
         worst = min(due, key=lambda f: f.time_to_limit_low_s, default=None)
+        self._due_run = self._due_run + 1 if worst is not None else 0
         if worst is None:
+            if not ruled_out:
+                return []
             return self.alarms.update(False, 0.0, 1.0, [], start_ms, end_ms)
+        if not self.alarms.active_ids and self._due_run < self.config.raise_buckets:
+            return []
         k = self._limits.names.index(worst.sensor)
         low_limit = self._limits.low[k]
         contribution = Contribution(

@@ -1,21 +1,28 @@
-"""Linear trends of bucketed sensor means, their significance, and when they reach a limit.
+"""Trends of bucketed sensor means, their significance, and when they reach a limit.
 
-One fit serves every sensor of an entity at once: the histories are rows of one array
-(a missing bucket is NaN), so the hot path is a handful of numpy reductions.
+Each sensor's history (a row of bucket means; a missing bucket is NaN) is fitted by
+least squares with a line over several recent spans (:func:`fit_spans`). Its standard
+error is corrected for autocorrelated residuals (an AR(1) factor ``(1 + rho) / (1 -
+rho)`` on the variance, rho the residuals' lag-1 autocorrelation, and the degrees of
+freedom reduced alike): slow cycles, a curve, a step left inside the history leave long
+runs of residuals of one sign and a slope no more certain than a few independent
+points would give; wear in noise leaves residuals close to white.
 
-The slope's standard error is corrected for autocorrelated residuals (an AR(1) factor
-``(1 + rho) / (1 - rho)`` on its variance, rho the lag-1 autocorrelation of the fit's
-residuals). That is what keeps cycles and steps from passing for trends: a plant's day
-and night, or a setpoint change inside the history, leave long runs of residuals of
-one sign, rho near 1, and a slope no more certain than a handful of independent
-points would give; a wear trend in noise leaves residuals close to white.
+Plants run in days (shifts, day and night loads, the sun on a tank), and over a few
+hours a morning's rise is a straight line that no test on those hours can tell from
+wear. So each sensor's daily cycle is estimated (:func:`daily_cycle`, over the last two
+days, across its jumps and around a bending trend) and taken out before the lines are
+fitted; what its estimate may still be wrong by can tilt a line as much as a cycle
+that size could (:func:`cycle_tilt`), and that is taken off the slope before it counts
+as evidence, and added to the steepest slope the bounds allow. Until a sensor has a
+day of history its cycle is unknown and it makes no forecast.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import cache
 from statistics import NormalDist
 
 import numpy as np
@@ -26,6 +33,8 @@ Bools = npt.NDArray[np.bool_]
 
 MAX_RHO = 0.95
 """Autocorrelation is capped here: beyond it the inflation (39x) says "no evidence"."""
+DAY_H = 24.0
+_OMEGA = 2 * math.pi / DAY_H
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,126 +51,355 @@ class Trends:
     """Standard error of the slope, autocorrelation included (inf: no fit)."""
     level_se: Floats
     """Standard error of ``level``, autocorrelation included."""
-    sigma: Floats
-    """Residual standard deviation, autocorrelation included: a new bucket's spread."""
-    centre_h: Floats
     first_h: Floats
     """Time of the first bucket the fit used (inf: none)."""
-    sxx: Floats
-    """Sum of squared time deviations (hours²), for prediction intervals."""
     rho: Floats
     """Lag-1 autocorrelation of the residuals, in [0, MAX_RHO]."""
+    segments: npt.NDArray[np.int64]
+    """Segments (levels between jumps) the fit used."""
+    line_beats_step: Bools
+    """Whether the line leaves less squared error than the best single step: wear is
+    gradual; a new setpoint or a repair is a step."""
+    tilt: Floats
+    """The most a daily cycle can tilt the slope: per unit of amplitude from :func:`fit`,
+    in units per hour once :func:`fit_spans` has multiplied in the sensor's amplitude."""
     significant: Bools
     """Whether the slope is significant (set by :func:`fit_spans`; :func:`fit` says no)."""
+    ruled_out: Bools
+    """Whether the data rule out reaching a limit within the horizon (set by
+    :func:`fit_spans`; :func:`fit` says no)."""
 
     @property
     def dof(self) -> Floats:
         """Degrees of freedom of the fit, what the autocorrelation repeats taken away."""
-        return self.count * (1.0 - self.rho) / (1.0 + self.rho) - 2.0
-
-    def predict(self, at_h: float, level_at_h: float) -> tuple[Floats, Floats]:
-        """The line's value at ``at_h`` and a new bucket's standard deviation there.
-
-        ``level`` is the line's value at ``level_at_h``.
-        """
-        mean = self.level + self.slope * (at_h - level_at_h)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spread = self.sigma * np.sqrt(
-                1.0 + 1.0 / np.maximum(self.count, 1) + (at_h - self.centre_h) ** 2 / self.sxx
-            )
-        return mean, spread
+        return self.count * (1.0 - self.rho) / (1.0 + self.rho) - self.segments - 1.0
 
 
-def fit(times_h: Floats, values: Floats, use: Bools, at_h: float) -> Trends:
+def fit(
+    times_h: Floats, values: Floats, use: Bools, at_h: float, breaks_h: Floats | None = None
+) -> Trends:
     """Least-squares lines through each row of ``values`` (sensors x buckets).
 
     ``times_h`` are the buckets' times in hours (shared by the rows), ``use`` says
-    which cells count (NaN cells never do). Rows with fewer than 3 usable buckets get
-    an infinite standard error.
+    which cells count (NaN cells never do). ``breaks_h`` (rows x k, NaN padded) cut a
+    row into segments, each with its own level and all sharing one slope: a jump (a
+    new setpoint) moves the level, not the wear. The level returned is the last
+    segment's. Rows with fewer than 4 usable buckets get an infinite standard error.
 
     >>> t = np.arange(10.0)
     >>> trends = fit(t, np.vstack([2.0 * t + 1.0, np.ones(10)]), np.ones((2, 10), bool), 9.0)
-    >>> trends.slope.round(6).tolist(), trends.level.round(6).tolist()
+    >>> (trends.slope.round(6) + 0.0).tolist(), trends.level.round(6).tolist()
     ([2.0, 0.0], [19.0, 1.0])
+    >>> stepped = np.where(t < 5, 2.0 * t, 2.0 * t + 30.0)[None, :]
+    >>> trends = fit(t, stepped, np.ones((1, 10), bool), 9.0, np.array([[4.5]]))
+    >>> trends.slope.round(6).tolist(), trends.level.round(6).tolist()
+    ([2.0], [48.0])
     """
     use = use & ~np.isnan(values) & np.isfinite(times_h)
-    count = use.sum(axis=1).astype(np.float64)
-    safe = np.maximum(count, 1.0)
-    y = np.where(use, values, 0.0)
-    centre = np.where(use, times_h, 0.0).sum(axis=1) / safe
-    mean = y.sum(axis=1) / safe
-    dt = np.where(use, times_h - centre[:, None], 0.0)
-    sxx = (dt * dt).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        slope = np.where(sxx > 0, (dt * (y - mean[:, None])).sum(axis=1) / sxx, 0.0)
-        residual = np.where(use, y - mean[:, None] - slope[:, None] * dt, 0.0)
-        ss = (residual * residual).sum(axis=1)
-        # Lag one between consecutive used buckets of the row (gaps are skipped).
-        lagged = _lag_products(residual, use)
-        rho = np.clip(np.where(ss > 0, lagged / ss, 0.0), 0.0, MAX_RHO)
-        inflation = (1.0 + rho) / (1.0 - rho)
-        variance = np.where(count > 2, ss / (count - 2), np.inf) * inflation
-        slope_se = np.sqrt(np.where(sxx > 0, variance / sxx, np.inf))
-        gap = at_h - centre
-        level_se = np.sqrt(variance * (1.0 / safe + np.where(sxx > 0, gap * gap / sxx, np.inf)))
+    rows = values.shape[0]
+    out = {
+        "count": use.sum(axis=1).astype(np.int64),
+        "level": np.full(rows, np.nan),
+        "slope": np.zeros(rows),
+        "slope_se": np.full(rows, np.inf),
+        "level_se": np.full(rows, np.inf),
+        "first_h": np.where(use, times_h, np.inf).min(axis=1),
+        "rho": np.zeros(rows),
+        "segments": np.zeros(rows, dtype=np.int64),
+        "line_beats_step": np.zeros(rows, dtype=bool),
+        "tilt": np.zeros(rows),
+    }
+    for row in range(rows):
+        t = times_h[use[row]]
+        y = values[row][use[row]]
+        n = len(y)
+        if n == 0:
+            continue
+        cuts = np.empty(0)
+        if breaks_h is not None:
+            cuts = np.sort(breaks_h[row][np.isfinite(breaks_h[row])])
+        _, segment = np.unique(np.searchsorted(cuts, t, side="right"), return_inverse=True)
+        count = np.bincount(segment)
+        t_mean = np.bincount(segment, weights=t) / count
+        y_mean = np.bincount(segment, weights=y) / count
+        dt = t - t_mean[segment]
+        dy = y - y_mean[segment]
+        sxx = float(dt @ dt)
+        # Each segment's slope is a line over its own length, tilted by the day as much
+        # as a line that long can be; the shared slope weighs them by their spread.
+        spread = np.bincount(segment, weights=dt * dt)
+        lengths = np.asarray(
+            [float(np.ptp(t[segment == k])) for k in range(len(count))], dtype=np.float64
+        )
+        if sxx > 0:
+            out["tilt"][row] = (
+                float(spread @ np.asarray([cycle_tilt(length) for length in lengths.tolist()]))
+                / sxx
+            )
+        segments = len(count)
+        last_n, last_t, last_y = int(count[-1]), float(t_mean[-1]), float(y_mean[-1])
+        out["segments"][row] = segments
+        if n < segments + 3 or sxx <= 0:
+            out["level"][row] = last_y
+            continue
+        slope = float(dt @ dy) / sxx
+        residual = dy - slope * dt
+        ss = float(residual @ residual)
+        rho = min(max(float(residual[1:] @ residual[:-1]) / ss, 0.0), MAX_RHO) if ss > 0 else 0.0
+        variance = ss / (n - segments - 1) * (1 + rho) / (1 - rho)
+        gap = at_h - last_t
+        out["level"][row] = last_y + slope * gap
+        out["slope"][row] = slope
+        out["slope_se"][row] = math.sqrt(variance / sxx)
+        out["level_se"][row] = math.sqrt(variance * (1 / last_n + gap * gap / sxx))
+        out["rho"][row] = rho
+        # The segments brought to one level: does a line explain them better than a step?
+        aligned = residual + slope * (t - t.mean())
+        out["line_beats_step"][row] = ss < _best_step_ss(aligned)
     return Trends(
-        count=count.astype(np.int64),
-        level=mean + slope * (at_h - centre),
-        slope=slope,
-        slope_se=slope_se,
-        level_se=level_se,
-        sigma=np.sqrt(variance),
-        centre_h=centre,
-        first_h=np.where(use, times_h, np.inf).min(axis=1),
-        sxx=sxx,
-        rho=rho,
-        significant=np.zeros(len(count), dtype=bool),
+        **out, significant=np.zeros(rows, dtype=bool), ruled_out=np.zeros(rows, dtype=bool)
     )
 
 
-def _line_beats_step(
-    times_h: Floats, values: Floats, use: Bools, trends: Trends, at_h: float
-) -> Bools:
-    """Per row: whether the line leaves less squared error than the best single step."""
-    beats = np.zeros(values.shape[0], dtype=bool)
-    for row in range(values.shape[0]):
-        y = values[row][use[row]]
-        n = len(y)
-        if n < 4:
+def _best_step_ss(y: Floats) -> float:
+    """The least squared error of ``y`` around one step (a left and a right mean)."""
+    n = len(y)
+    left = np.arange(1, n)
+    sums, squares = np.cumsum(y)[:-1], np.cumsum(y * y)[:-1]
+    total, total_sq = float(y.sum()), float(y @ y)
+    left_ss = squares - sums * sums / left
+    right_sums = total - sums
+    right_ss = (total_sq - squares) - right_sums * right_sums / (n - left)
+    return float(np.min(left_ss + right_ss))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How :func:`fit_spans` weighs the evidence (see ``MaintenanceConfig``)."""
+
+    spans_h: tuple[float, ...]
+    significance: float
+    confidence: float
+    horizon_h: float
+
+
+def fit_spans(
+    times_h: Floats,
+    values: Floats,
+    since_h: Floats,
+    breaks_h: Floats,
+    at_h: float,
+    cycle_error: Floats,
+    limits: tuple[Floats, Floats],
+    rule: Rule,
+) -> Trends:
+    """Per row, the line of the shortest recent span that settles the question.
+
+    A wear trend starts somewhere, and it may speed up: a line through a flat stretch
+    and the ramp after it fits neither, and underestimates the slope now; and after a
+    repair, hours of the old ramp would keep a forecast alive. So each row is fitted
+    over each of ``rule.spans_h`` (ascending: the last so many hours, never before its
+    ``since_h``, cut into segments at its ``breaks_h``) and keeps the shortest span
+    that decides, one way or the other:
+
+    - a **trend**: the slope, less the tilt an error of ``significance`` times its
+      daily cycle's ``cycle_error`` could give it there, is at least the
+      ``significance`` quantile (shared among the spans) of its own degrees of freedom
+      in standard errors from 0, and the line explains the span better than one step;
+    - **ruled out**: even the steepest slope the ``confidence`` intervals (of the slope
+      and of the cycle) allow would not reach either of ``limits`` (alarm high, alarm
+      low; NaN: none) within ``rule.horizon_h``.
+
+    ``values`` come with their daily cycle taken out. A row no span decides keeps its
+    strongest trend evidence, neither significant nor ruled out; a row whose cycle is
+    unknown (NaN ``cycle_error``) is never decided.
+    """
+    # Several spans are several tests: each is held to its share of the error rate
+    # (Bonferroni), so trying more spans does not find more trends in noise.
+    normal = NormalDist()
+    per_span = normal.inv_cdf(1.0 - normal.cdf(-rule.significance) / len(rule.spans_h))
+    high, low = limits
+    candidates = []
+    ratios = []
+    ruled = []
+    for span in rule.spans_h:
+        use = times_h[None, :] >= np.maximum(since_h, at_h - span)[:, None]
+        trends = fit(times_h, values, use, at_h, breaks_h)
+        factor = trends.tilt
+        tilt = rule.confidence * cycle_error * factor
+        largest_tilt = rule.significance * cycle_error * factor
+        dof = trends.dof.tolist()
+        quantile = np.asarray([student_t(per_span, d) for d in dof])
+        z = np.asarray([student_t(rule.confidence, d) for d in dof])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = (np.abs(trends.slope) - largest_tilt) / (trends.slope_se * quantile)
+            reachable = np.zeros(len(ratio), dtype=bool)
+            for limit in (high, low):
+                # Towards the limit from the side of it the level is on; a level at or
+                # past it (the high limit below it) has no distance left to go.
+                towards = 1.0 if limit is high else -1.0
+                steepest = towards * trends.slope + tilt + z * trends.slope_se
+                nearest = np.maximum(towards * (limit - trends.level) - z * trends.level_se, 0.0)
+                reachable |= ~np.isnan(limit) & (
+                    (nearest <= 0) | ((steepest > 0) & (nearest < steepest * rule.horizon_h))
+                )
+        known = np.isfinite(trends.slope_se) & ~np.isnan(largest_tilt)
+        ratio = np.where(known, np.nan_to_num(ratio, nan=-np.inf, posinf=-np.inf), -np.inf)
+        ratio[~trends.line_beats_step] = np.minimum(ratio[~trends.line_beats_step], 0.0)
+        candidates.append(_with(trends, tilt=tilt))
+        ratios.append(ratio)
+        ruled.append(known & ~reachable)
+    stacked = np.vstack(ratios)
+    significant = stacked >= 1.0
+    decided = significant | np.vstack(ruled)
+    found: Bools = np.asarray(decided.any(axis=0), dtype=bool)
+    best = np.where(found, np.argmax(decided, axis=0), np.argmax(stacked, axis=0))
+    chosen = {
+        f.name: np.choose(best, [getattr(c, f.name) for c in candidates])
+        for f in fields(Trends)
+        if f.name not in ("significant", "ruled_out")
+    }
+    pick = np.arange(values.shape[0])
+    return Trends(
+        **chosen,
+        significant=significant[best, pick] & found,
+        ruled_out=np.vstack(ruled)[best, pick] & found,
+    )
+
+
+def _with(trends: Trends, **changes: Floats) -> Trends:
+    values = {f.name: getattr(trends, f.name) for f in fields(Trends)}
+    return Trends(**{**values, **changes})
+
+
+@cache
+def cycle_tilt(span_h: float) -> float:
+    """The largest slope (per hour) a daily cycle of amplitude 1 gives a line over a span.
+
+    The line is fitted over the last ``span_h`` hours; the largest is over every phase.
+    About the cycle's own steepest slope (2 pi / 24 = 0.26 per hour) for spans of a
+    few hours, and much less over a day or more, where the cycle averages out.
+
+    >>> [round(cycle_tilt(h), 3) for h in (1.0, 8.0, 24.0, 48.0)]
+    [0.261, 0.234, 0.077, 0.019]
+    """
+    if span_h <= 0:
+        return _OMEGA
+    t = np.linspace(0.0, span_h, 97)
+    dt = t - t.mean()
+    phases = np.linspace(0.0, 2 * math.pi, 72, endpoint=False)
+    cycles = np.sin(_OMEGA * t[None, :] + phases[:, None])
+    return float(np.max(np.abs(cycles @ dt)) / float(dt @ dt))
+
+
+@dataclass(frozen=True, slots=True)
+class DailyCycle:
+    """Per row: a daily cycle ``sine sin(wt) + cosine cos(wt)`` and its uncertainty."""
+
+    sine: Floats
+    cosine: Floats
+    error: Floats
+    """Standard error of either coefficient (autocorrelation included); NaN: unknown."""
+
+    def at(self, times_h: Floats) -> Floats:
+        """The cycle's value per row at each of ``times_h`` (0 where unknown)."""
+        angle = _OMEGA * np.nan_to_num(times_h)
+        value = self.sine[:, None] * np.sin(angle) + self.cosine[:, None] * np.cos(angle)
+        return np.nan_to_num(value)
+
+
+def daily_cycle(times_h: Floats, values: Floats, breaks_h: Floats, at_h: float) -> DailyCycle:
+    """Per row: its daily cycle over the last two days (unknown before a day of history).
+
+    A least-squares fit of a level per segment (the history cut at ``breaks_h``, the
+    row's recent jumps, NaN padded), a parabola (so that a trend which bends, a wear
+    that starts or speeds up, is not taken for part of a day), and a sine and cosine of
+    the day.
+
+    >>> t = np.arange(0.0, 48.0, 0.25)
+    >>> y = 3.0 * np.sin(2 * np.pi * t / 24 + 1.0) + 0.1 * t + np.where(t > 30, 5.0, 0.0)
+    >>> cycle = daily_cycle(t, y[None, :], np.array([[30.125, np.nan]]), 48.0)
+    >>> np.hypot(cycle.sine, cycle.cosine).round(3).tolist(), bool(cycle.error[0] < 0.01)
+    ([3.0], True)
+    """
+    rows = values.shape[0]
+    sine, cosine, error = np.full(rows, np.nan), np.full(rows, np.nan), np.full(rows, np.nan)
+    recent = np.isfinite(times_h) & (times_h > at_h - 2 * DAY_H)
+    for row in range(rows):
+        use = recent & ~np.isnan(values[row])
+        t, y = times_h[use], values[row][use]
+        if len(t) < 8 or t.max() - t.min() < DAY_H:
             continue
-        t = times_h[use[row]]
-        line = trends.level[row] + trends.slope[row] * (t - at_h)
-        line_ss = float(np.sum((y - line) ** 2))
-        # Every split into a left and right mean, from cumulative sums.
-        left = np.arange(1, n)
-        sums, squares = np.cumsum(y)[:-1], np.cumsum(y * y)[:-1]
-        total, total_sq = float(y.sum()), float(np.dot(y, y))
-        left_ss = squares - sums * sums / left
-        right_sums = total - sums
-        right_ss = (total_sq - squares) - right_sums * right_sums / (n - left)
-        beats[row] = line_ss < float(np.min(left_ss + right_ss))
-    return beats
+        cuts = np.sort(breaks_h[row][np.isfinite(breaks_h[row])])
+        segment = np.searchsorted(cuts, t, side="right")
+        levels = (segment[:, None] == np.unique(segment)[None, :]).astype(np.float64)
+        dt = (t - t.mean()) / DAY_H
+        x = np.column_stack([levels, dt, dt * dt, np.sin(_OMEGA * t), np.cos(_OMEGA * t)])
+        if len(y) <= x.shape[1]:
+            continue
+        beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+        residual = y - x @ beta
+        ss = float(residual @ residual)
+        rho = min(max(float(residual[1:] @ residual[:-1]) / ss, 0.0), MAX_RHO) if ss else 0.0
+        variance = ss / (len(y) - x.shape[1]) * (1 + rho) / (1 - rho)
+        inverse = np.linalg.pinv(x.T @ x)
+        sine[row], cosine[row] = float(beta[-2]), float(beta[-1])
+        error[row] = math.sqrt(variance * float(inverse[-2, -2] + inverse[-1, -1]) / 2)
+    return DailyCycle(sine, cosine, error)
 
 
-def _lag_products(residual: Floats, use: Bools) -> Floats:
-    """Per row, the sum of products of each used residual with the previous used one."""
-    sums = np.zeros(residual.shape[0])
-    for row in range(residual.shape[0]):
-        r = residual[row][use[row]]
-        if len(r) > 1:
-            sums[row] = float(np.dot(r[1:], r[:-1]))
-    return sums
+def jumps(values: Floats, z: float) -> Bools:
+    """Per row: whether its series jumped four buckets before its newest, and settled.
+
+    Buckets are taken in pairs (the newest two, the two before, ...), so a cycle of two
+    buckets' period, or a step that fell inside a bucket, does not blur the comparison.
+    A jump is a change from one pair's mean to the next beyond ``z`` robust standard
+    deviations of the row's pair-to-pair changes (measured around their median, so a
+    ramp's steady change is no jump), followed by an ordinary change: a level that
+    moved and stayed, like a new setpoint or a repair, while a wear that sets in keeps
+    changing and a short stop comes back. The new level starts four buckets back.
+
+    >>> ramp = np.arange(40.0) * 0.1
+    >>> rows = np.vstack([np.r_[ramp[:-4], ramp[-4:] + 3.0], ramp, np.r_[ramp[:-4], ramp[-4:] * 3]])
+    >>> rows += np.random.default_rng(1).normal(0, 0.01, rows.shape)
+    >>> jumps(rows, 6.0).tolist()
+    [True, False, False]
+    """
+    found = np.zeros(values.shape[0], dtype=bool)
+    for row in range(values.shape[0]):
+        y = values[row]
+        if np.isnan(y[-4:]).any():
+            continue
+        # Pairs ending at the newest bucket, newest last; a pair with a gap is NaN.
+        pairs = (y[len(y) % 2 :: 2] + y[len(y) % 2 + 1 :: 2]) / 2
+        pairs = pairs[~np.isnan(pairs)]
+        if len(pairs) < 10:
+            continue
+        changes = np.diff(pairs)
+        usual = changes[:-2]
+        centre = float(np.median(usual))
+        scale = 1.4826 * float(np.median(np.abs(usual - centre)))
+        if scale > 0:
+            moved, after = abs(changes[-2] - centre), abs(changes[-1] - centre)
+            found[row] = moved > z * scale >= after
+    return found
 
 
 def time_to_limit(
-    level: float, slope: float, slope_se: float, level_se: float, limit: float, z: float
+    level: float,
+    slope: float,
+    slope_se: float,
+    level_se: float,
+    limit: float,
+    z: float,
+    tilt: float = 0.0,
 ) -> tuple[float, float, float | None]:
     """Hours until a line at ``level`` with ``slope`` reaches ``limit``, with bounds.
 
     The lower bound takes the steepest slope and the nearest level the ``z`` intervals
-    allow; the upper one the flattest and farthest (None when that slope never gets
-    there). A level at or past the limit is 0 hours away. The caller has checked that
-    the slope heads for the limit.
+    (and a daily cycle's ``tilt``) allow; the upper one the flattest and farthest (None
+    when that slope never gets there). A level at or past the limit is 0 hours away.
+    The caller has checked that the slope heads for the limit.
 
     >>> time_to_limit(5.0, 1.0, 0.1, 0.0, 7.0, 2.0)
     (2.0, 1.6666666666666667, 2.5)
@@ -175,66 +413,17 @@ def time_to_limit(
     if gap <= 0:
         return 0.0, 0.0, 0.0
     rate = direction * slope
-    low = max(gap - z * level_se, 0.0) / (rate + z * slope_se)
-    slowest = rate - z * slope_se
+    low = max(gap - z * level_se, 0.0) / (rate + tilt + z * slope_se)
+    slowest = rate - tilt - z * slope_se
     high = (gap + z * level_se) / slowest if slowest > 0 else None
     return gap / rate, low, high
-
-
-def fit_spans(
-    times_h: Floats,
-    values: Floats,
-    since_h: Floats,
-    at_h: float,
-    spans_h: Sequence[float],
-    significance: float,
-) -> Trends:
-    """Per row, the line of the shortest recent span with significant evidence of a slope.
-
-    A wear trend starts somewhere, and it may speed up: a line through a flat stretch
-    and the ramp after it fits neither, and underestimates the slope now. So each row
-    is fitted over each of ``spans_h`` (ascending: the last so many hours, never before
-    its ``since_h``) and keeps the shortest span whose slope is at least the
-    ``significance`` quantile (shared among the spans) of its own degrees of freedom in
-    standard errors from 0
-    (the most recent evidence that suffices); a row with none keeps its strongest.
-
-    A span where one step explains the values at least as well as the line has no
-    evidence of a slope: wear is gradual, a new setpoint or a repair is a step.
-    """
-    # Several spans are several tests: each is held to its share of the error rate
-    # (Bonferroni), so trying more spans does not find more trends in noise.
-    normal = NormalDist()
-    per_span = normal.inv_cdf(1.0 - normal.cdf(-significance) / len(spans_h))
-    candidates = []
-    ratios = []
-    for span in spans_h:
-        use = times_h[None, :] >= np.maximum(since_h, at_h - span)[:, None]
-        use &= ~np.isnan(values)
-        trends = fit(times_h, values, use, at_h)
-        quantile = np.asarray([student_t(per_span, dof) for dof in trends.dof.tolist()])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.abs(trends.slope) / (trends.slope_se * quantile)
-        ratio[~_line_beats_step(times_h, values, use, trends, at_h)] = 0.0
-        candidates.append(trends)
-        ratios.append(np.nan_to_num(ratio, nan=-1.0, posinf=-1.0))
-    stacked = np.vstack(ratios)
-    significant = stacked >= 1.0
-    found: Bools = np.asarray(significant.any(axis=0), dtype=bool)
-    best = np.where(found, np.argmax(significant, axis=0), np.argmax(stacked, axis=0))
-    chosen = {
-        f.name: np.choose(best, [getattr(c, f.name) for c in candidates])
-        for f in fields(Trends)
-        if f.name != "significant"
-    }
-    return Trends(**chosen, significant=found)
 
 
 def student_t(z: float, dof: float) -> float:
     """Student's t quantile with ``dof`` degrees of freedom at the normal quantile ``z``.
 
-    The Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5), within 1 % of the exact
-    value from 3 degrees of freedom on.
+    The Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5), within 0.1 % of the
+    exact value from 3 degrees of freedom on.
 
     >>> round(student_t(1.959964, 10), 3), round(student_t(3.0, 6), 2)
     (2.228, 4.9)

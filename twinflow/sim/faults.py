@@ -2,7 +2,9 @@
 
 Three categories:
 
-- process faults change the machine's physics (bearing wear, cavitation, overload);
+- process faults change the machine's physics (bearing wear, cavitation, overload, and,
+  only when a :class:`DegradationPlan` asks for it, a degradation: wear that keeps
+  growing until a repair, for predictive maintenance);
 - sensor faults corrupt one sensor's readings (stuck, spike, dropout, drift, unit change);
 - data faults corrupt messages in transit (duplicate, out of order, late, malformed,
   unknown entity); they are drawn per message by the MQTT encoder.
@@ -32,6 +34,9 @@ class FaultKind(StrEnum):
     BEARING_WEAR = "bearing_wear"
     CAVITATION = "cavitation"
     OVERLOAD = "overload"
+    DEGRADATION = "degradation"
+    """Bearing wear growing as ``((t - start) / ramp_ms) ** shape``, unbounded, until the
+    repair at ``end_ms``; only scheduled by a :class:`DegradationPlan`."""
     STUCK = "stuck"
     SPIKE = "spike"
     DROPOUT = "dropout"
@@ -68,6 +73,16 @@ class Fault(msgspec.Struct, frozen=True, omit_defaults=True):
     end_ms: int
     sensor: str | None = None
     detail: str | None = None
+    ramp_ms: int | None = None
+    """Degradation: how long the wear takes to reach severity 1 (it grows on after)."""
+    shape: float | None = None
+    """Degradation: the exponent of its severity curve (1 = linear, > 1 accelerating)."""
+    crossing_ms: int | None = None
+    """Degradation, ground truth: the end of the first 10-s window whose mean of a sensor
+    reached its alarm limit (:func:`twinflow.sim.degradation.with_crossings`); None if
+    none did before the repair, or not computed."""
+    crossing_sensor: str | None = None
+    """Degradation, ground truth: the sensor that reached its alarm limit first."""
 
     def active(self, ts_ms: int) -> bool:
         """Whether the fault acts at ``ts_ms`` (start inclusive, end exclusive)."""
@@ -84,6 +99,48 @@ class FaultPlan:
     """Fraction of entities that get one sensor fault."""
     earliest: float = 0.3
     """No fault starts before this fraction of the run: models get a clean warm-up."""
+
+
+HOUR_S = 3600.0
+
+
+@dataclass(frozen=True)
+class DegradationPlan:
+    """Which machines degrade (wear until repair) and how; all of it drawn from the seed.
+
+    A degradation starts after a clean warm-up, grows to severity 1 over its ramp (a
+    mildly accelerating P-F curve for shapes above 1) and on beyond it until the repair,
+    a few hours after severity 1, when the machine is healthy again. Its alarm limits are
+    crossed on the way (vibration first, at a severity below 1): where is not planned but
+    found in the data (:mod:`twinflow.sim.degradation`).
+    """
+
+    share: float = 0.3
+    """Fraction of the entities (of types with process faults) that degrade."""
+    min_ramp_s: float = 12 * HOUR_S
+    max_ramp_s: float = 96 * HOUR_S
+    """Ramps (start to severity 1) are drawn uniformly between these."""
+    min_shape: float = 1.0
+    max_shape: float = 1.5
+    """Severity exponents are drawn uniformly between these."""
+    warmup_s: float = 6 * HOUR_S
+    """No degradation starts this early in the run."""
+    min_repair_s: float = 2 * HOUR_S
+    max_repair_s: float = 6 * HOUR_S
+    """The repair comes this long after severity 1 (drawn uniformly; capped at the end)."""
+    entity_ids: tuple[str, ...] | None = None
+    """Degrade exactly these entities (of types with process faults), whatever ``share``
+    says; the draws are the same either way."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must lie in [0, 1], got {self.share}")
+        if not 0 < self.min_ramp_s <= self.max_ramp_s:
+            raise ValueError(f"need 0 < min_ramp_s <= max_ramp_s, got {self}")
+        if not 0 < self.min_shape <= self.max_shape:
+            raise ValueError(f"need 0 < min_shape <= max_shape, got {self}")
+        if not 0 <= self.min_repair_s <= self.max_repair_s or self.warmup_s < 0:
+            raise ValueError(f"need 0 <= min_repair_s <= max_repair_s and warmup_s >= 0: {self}")
 
 
 @dataclass(frozen=True)
@@ -131,4 +188,56 @@ def schedule_faults(
             faults.append(
                 Fault(kind, Category.SENSOR, target.entity_id, begin, begin + length, sensor)
             )
+    return faults
+
+
+def schedule_degradations(
+    targets: Sequence[FaultTarget],
+    start_ms: int,
+    duration_ms: int,
+    tick_ms: int,
+    plan: DegradationPlan,
+    rng: np.random.Generator,
+) -> list[Fault]:
+    """Place degradations (at most one per entity) by ``plan``.
+
+    Every target of a type with process faults takes the same five draws whether it
+    degrades or not, so the share only decides which entities do. The start is drawn so
+    that ramp and repair fit between the warm-up and the end; when the run is too short
+    for the drawn ramp, the ramp shrinks to fit, but not below ``min_ramp_s`` (the repair
+    is then capped at the end of the run, or the wear goes on to the end).
+    """
+    faults: list[Fault] = []
+    end = start_ms + duration_ms
+    earliest = start_ms + round(plan.warmup_s * 1000)
+    if end - earliest <= tick_ms:
+        return faults
+    chosen = None if plan.entity_ids is None else set(plan.entity_ids)
+    min_ramp_ms = round(plan.min_ramp_s * 1000)
+    for target in targets:
+        if target.asset_type not in PROCESS_FAULTS:
+            continue
+        draw = float(rng.random())
+        ramp_ms = round(1000 * rng.uniform(plan.min_ramp_s, plan.max_ramp_s))
+        shape = float(rng.uniform(plan.min_shape, plan.max_shape))
+        repair_ms = round(1000 * rng.uniform(plan.min_repair_s, plan.max_repair_s))
+        position = float(rng.random())
+        degrades = draw < plan.share if chosen is None else target.entity_id in chosen
+        if not degrades:
+            continue
+        room = end - earliest
+        ramp_ms = max(min_ramp_ms, min(ramp_ms, room - repair_ms))
+        slack = max(0, room - ramp_ms - repair_ms)
+        begin = earliest + int(position * slack)
+        faults.append(
+            Fault(
+                FaultKind.DEGRADATION,
+                Category.PROCESS,
+                target.entity_id,
+                begin,
+                min(end, begin + ramp_ms + repair_ms),
+                ramp_ms=ramp_ms,
+                shape=round(shape, 4),
+            )
+        )
     return faults

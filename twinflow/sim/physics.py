@@ -1,7 +1,9 @@
 """Physically plausible, correlated signals per asset type.
 
 Each machine follows a load (0..1.1): a daily-like cycle, plus a slow random walk,
-plus the load of the machine it drives (a motor follows its pump or compressor).
+plus the load of the machine it drives (a motor follows its pump or compressor). With
+``daily_load`` above 0 a 24-hour cycle of that amplitude adds to it (a plant's day and
+night shifts); at 0, the default, nothing changes and nothing more is drawn.
 Sensors are functions of load and of each other (a pump curve ties pressure to flow,
 current to hydraulic power, temperatures lag load through a first-order response),
 with Gaussian noise. Process faults bend these relations the way the real fault does.
@@ -28,7 +30,9 @@ from twinflow.sim.faults import FaultKind
 from twinflow.twin_model import SetpointSpec, SetpointValue
 
 Effects = Mapping[FaultKind, float]
-"""Active process faults and their severity (0..1)."""
+"""Active process faults and their severity (0..1; a degradation's grows past 1)."""
+
+DAY_S = 86_400.0
 
 SPEED = "speed"
 """The setpoint of a variable-speed drive, rated at its default."""
@@ -78,6 +82,10 @@ class Machine:
     drive: float = 1.0
     """Shaft speed relative to rated, ramping towards what the setpoints ask."""
     temperature: float = field(init=False)
+    daily_load: float = 0.0
+    """Amplitude of a 24-hour load cycle on top of the machine's own load (0: none)."""
+    daily_phase: float = 0.0
+    """Its phase (radians), drawn by the scenario from its own generator."""
 
     def __post_init__(self) -> None:
         self.period_s = float(self.rng.uniform(600, 1800))
@@ -92,6 +100,8 @@ class Machine:
         tau = 120.0
         self.walk += -self.walk * dt_s / tau + 0.05 * math.sqrt(dt_s / tau) * self.rng.normal()
         cycle = 0.2 * math.sin(2 * math.pi * t_s / self.period_s + self.phase)
+        if self.daily_load:
+            cycle += self.daily_load * math.sin(2 * math.pi * t_s / DAY_S + self.daily_phase)
         return min(1.1, max(0.1, self.base_load + cycle + self.walk))
 
     def _lagged_temperature(self, target: float, dt_s: float, tau_s: float = 90.0) -> float:
@@ -114,6 +124,9 @@ class Machine:
         ramp = dt_s / RAMP_S
         self.drive = min(self.drive + ramp, max(self.drive - ramp, drive_target))
         wear = effects.get(FaultKind.BEARING_WEAR, 0.0)
+        if FaultKind.DEGRADATION in effects:
+            # Wear that keeps growing until a repair: the same physics as bearing wear.
+            wear += effects[FaultKind.DEGRADATION]
         overload = effects.get(FaultKind.OVERLOAD, 0.0)
         cavitation = effects.get(FaultKind.CAVITATION, 0.0)
         if self.asset_type == "pump":

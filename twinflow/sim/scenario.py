@@ -12,10 +12,12 @@ from twinflow.errors import ConfigError
 from twinflow.sim.actuators import Actuators
 from twinflow.sim.faults import (
     Category,
+    DegradationPlan,
     Fault,
     FaultKind,
     FaultPlan,
     FaultTarget,
+    schedule_degradations,
     schedule_faults,
 )
 from twinflow.sim.physics import Machine, drive_ratio
@@ -26,6 +28,11 @@ SPIKE_FRACTION = 0.6
 """A spike jumps by this fraction of the sensor's valid range."""
 DRIFT_FRACTION = 0.15
 """A drift reaches this fraction of the valid range by the end of the fault."""
+_DEGRADATION_STREAM = 1 << 40
+_DAILY_LOAD_STREAM = (1 << 40) + 1
+"""Spawn keys of the generators of the optional features: far from the keys the entities'
+and the faults' generators get (0 .. entities), so turning a feature on moves no draw of
+the others, and leaving it off draws nothing."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,12 @@ class ScenarioConfig:
     """Use the first N entities of the twin model (default: all)."""
     seed: int = 7
     faults: FaultPlan = field(default_factory=FaultPlan)
+    daily_load: float = 0.0
+    """Amplitude of a 24-hour sinusoidal load cycle on each machine's own load (day and
+    night shifts; a driven machine follows its parent's), phase drawn per entity. 0: off."""
+    degradation: DegradationPlan | None = None
+    """Machines that degrade until repair (predictive maintenance); None: off. Degraded
+    entities get no other process or sensor fault."""
 
 
 class Scenario:
@@ -53,6 +66,8 @@ class Scenario:
             )
         if config.rate <= 0 or config.duration_s <= 0:
             raise ConfigError("--rate and --duration must be positive")
+        if not 0.0 <= config.daily_load <= 1.0:
+            raise ConfigError(f"daily_load must lie in [0, 1], got {config.daily_load}")
         self.model = model
         self.config = config
         self.entities: list[Entity] = model.entities[: config.entities]
@@ -63,26 +78,41 @@ class Scenario:
         self.duration_ms = int(config.duration_s * 1000)
         root = np.random.SeedSequence(config.seed)
         fault_seed, *entity_seeds = root.spawn(len(self.entities) + 1)
+        targets = [
+            FaultTarget(
+                entity.id,
+                entity.type,
+                list(model.sensors_of(entity.id)),
+                [name for name, spec in model.sensors_of(entity.id).items() if spec.accepted_units],
+            )
+            for entity in self.entities
+        ]
         self.faults: list[Fault] = schedule_faults(
-            [
-                FaultTarget(
-                    entity.id,
-                    entity.type,
-                    list(model.sensors_of(entity.id)),
-                    [
-                        name
-                        for name, spec in model.sensors_of(entity.id).items()
-                        if spec.accepted_units
-                    ],
-                )
-                for entity in self.entities
-            ],
+            targets,
             config.start_ms,
             self.duration_ms,
             self.tick_ms,
             config.faults,
             np.random.default_rng(fault_seed),
         )
+        if config.degradation is not None:
+            degradations = schedule_degradations(
+                targets,
+                config.start_ms,
+                self.duration_ms,
+                self.tick_ms,
+                config.degradation,
+                _stream(config.seed, _DEGRADATION_STREAM),
+            )
+            degraded = {fault.entity_id for fault in degradations}
+            # Drawn as without degradations, then dropped: the others keep their faults.
+            self.faults = [f for f in self.faults if f.entity_id not in degraded] + degradations
+        self._daily_phases = [0.0] * len(self.entities)
+        if config.daily_load > 0:
+            phases = _stream(config.seed, _DAILY_LOAD_STREAM).uniform(
+                0, 2 * math.pi, len(self.entities)
+            )
+            self._daily_phases = [float(phase) for phase in phases]
         self._entity_seeds = entity_seeds
 
     @property
@@ -107,8 +137,12 @@ class Scenario:
                 sensors=list(self.model.sensors_of(entity.id)),
                 ranges={n: s.range for n, s in self.model.sensors_of(entity.id).items()},
                 rng=np.random.default_rng(seed),
+                daily_load=self.config.daily_load,
+                daily_phase=phase,
             )
-            for entity, seed in zip(self.entities, self._entity_seeds, strict=True)
+            for entity, seed, phase in zip(
+                self.entities, self._entity_seeds, self._daily_phases, strict=True
+            )
         }
         faults_by_entity: dict[str, list[Fault]] = {}
         for fault in self.faults:
@@ -191,8 +225,20 @@ class Scenario:
         return Sample(entity.id, ts_ms, values, tuple(dropped), reported_units, setpoints)
 
 
+def _stream(seed: int, key: int) -> np.random.Generator:
+    """The generator of one optional feature of the run with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
+
+
 def _severity(fault: Fault, ts_ms: int) -> float:
-    """Bearing wear and drift grow over the fault; the others are on or off."""
+    """Bearing wear and drift grow over the fault; the others are on or off.
+
+    A degradation grows as ``((t - start) / ramp) ** shape``, past 1 after its ramp.
+    """
+    if fault.kind is FaultKind.DEGRADATION:
+        ramp = fault.ramp_ms or max(1, fault.end_ms - fault.start_ms)
+        elapsed = max(0, ts_ms - fault.start_ms)
+        return float((elapsed / ramp) ** (fault.shape or 1.0))
     if fault.kind in (FaultKind.BEARING_WEAR, FaultKind.DRIFT):
         return (ts_ms - fault.start_ms) / max(1, fault.end_ms - fault.start_ms)
     return 1.0
