@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -20,7 +21,7 @@ _FEATURES = ("count", "mean", "min", "max", "std", "last", "slope")
 
 
 def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
-    """Rows for readings, sensor_windows, twin_state, anomalies and alarms."""
+    """Rows for every table the flow writes but deadletters (see :func:`deadletter_batches`)."""
     batches = []
     if len(out.readings):
         readings = out.readings
@@ -65,6 +66,7 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "threshold": [s.threshold for s in states],
                     **{name: [getattr(s.counts, name) for s in states] for name in _COUNTS},
                     "active_alarms": [",".join(s.active_alarms) for s in states],
+                    **_nearest_limits(states),
                 },
             )
         )
@@ -108,6 +110,13 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "verdict": [a.verdict.value if a.verdict else None for a in alarms],
                     "operator": [a.operator for a in alarms],
                     "note": [a.note for a in alarms],
+                    "time_to_limit_s": [a.forecast and a.forecast.time_to_limit_s for a in alarms],
+                    "time_to_limit_low_s": [
+                        a.forecast and a.forecast.time_to_limit_low_s for a in alarms
+                    ],
+                    "time_to_limit_high_s": [
+                        a.forecast and a.forecast.time_to_limit_high_s for a in alarms
+                    ],
                 },
             )
         )
@@ -129,7 +138,40 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                 },
             )
         )
+    if out.forecasts:
+        made = [forecast for _, forecast in out.forecasts]
+        batches.append(
+            table_frame(
+                tables.forecasts,
+                {
+                    "ts": [f.ts_ms for f in made],
+                    "entity": [entity for entity, _ in out.forecasts],
+                    "sensor": [f.sensor for f in made],
+                    "limit": [f.limit for f in made],
+                    "limit_value": [f.limit_value for f in made],
+                    "level": [f.level for f in made],
+                    "slope_per_h": [f.slope_per_h for f in made],
+                    "time_to_limit_s": [f.time_to_limit_s for f in made],
+                    "time_to_limit_low_s": [f.time_to_limit_low_s for f in made],
+                    "time_to_limit_high_s": [f.time_to_limit_high_s for f in made],
+                    "crossing": [f.crossing_ms() for f in made],
+                    "since": [f.since_ms for f in made],
+                },
+            )
+        )
     return batches
+
+
+def _nearest_limits(states: Sequence[outputs.TwinState]) -> dict[str, list[Any]]:
+    """Per state, the forecast with the smallest lower bound of time to limit, if any."""
+    nearest = [
+        min(s.forecasts.values(), key=lambda f: f.time_to_limit_low_s, default=None) for s in states
+    ]
+    return {
+        "limit_sensor": [f and f.sensor for f in nearest],
+        "time_to_limit_s": [f and f.time_to_limit_s for f in nearest],
+        "time_to_limit_low_s": [f and f.time_to_limit_low_s for f in nearest],
+    }
 
 
 def _number(value: float | bool | None) -> float | None:

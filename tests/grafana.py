@@ -18,6 +18,7 @@ TABLES = (
     "alarms",
     "deadletters",
     "setpoints",
+    "forecasts",
 )
 
 

@@ -30,7 +30,7 @@ from twinflow.tables import tables
 from twinflow.topics import control_topics
 from twinflow.twin_model import TwinModel
 
-_ALARM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*@\d+$")
+_ALARM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/maintenance_due)?@\d+$")
 _ENTITY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENDINGS = frozenset({AlarmEvent.CLEARED, AlarmEvent.REBASELINED, AlarmEvent.REJECTED})
 # Transitions of one alarm can share an event time (a verdict takes the time of the
@@ -46,7 +46,7 @@ _ORDER = {
 _DELIVERY_TIMEOUT_S = 30.0
 _ALARM_COLUMNS = (
     'alarm_id, entity, event, ts, start, "end", peak_score, top_sensors, '
-    "acknowledged, verdict, operator, note"
+    "acknowledged, verdict, operator, note, kind"
 )
 
 
@@ -70,6 +70,7 @@ class AlarmRow:
     verdict: str | None
     operator: str | None
     note: str | None
+    kind: str = "anomaly"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,8 @@ class AlarmSummary:
     verdict: str | None
     operator: str | None
     note: str | None
+    kind: str = "anomaly"
+    """``anomaly`` or ``maintenance_due``."""
 
 
 def fold_alarms(rows: Iterable[AlarmRow]) -> list[AlarmSummary]:
@@ -118,6 +121,7 @@ def fold_alarms(rows: Iterable[AlarmRow]) -> list[AlarmSummary]:
             verdict=row.verdict or (before.verdict if before else None),
             operator=row.operator or (before.operator if before else None),
             note=row.note or (before.note if before else None),
+            kind=row.kind,
         )
     return sorted(folded.values(), key=lambda a: (a.start, a.alarm_id))
 
@@ -157,6 +161,7 @@ def alarm_rows(
             verdict=row[9],
             operator=row[10],
             note=row[11],
+            kind=row[12] or "anomaly",
         )
         for row in result.rows
     ]
@@ -175,7 +180,10 @@ def send_verdict(
 ) -> control.Feedback:
     """Check that ``alarm_id`` is an active alarm, then send the verdict on it."""
     if not _ALARM_ID.match(alarm_id):
-        raise RefusedError(f"{alarm_id!r} is not an alarm id (<entity>@<start ms>)")
+        raise RefusedError(
+            f"{alarm_id!r} is not an alarm id (<entity>@<start ms>, or "
+            "<entity>/maintenance_due@<start ms>)"
+        )
     alarms = fold_alarms(alarm_rows(settings, alarm_id=alarm_id))
     if not alarms:
         raise RefusedError(

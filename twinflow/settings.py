@@ -375,6 +375,12 @@ class FlowSettings(_Section):
         description="a source that finds nothing more to read has read all stamped this "
         "long before now: the broker's stamp-to-readable time plus the hosts' clock skew",
     )
+    maintenance_horizon_h: float = Field(
+        default=48.0,
+        gt=0,
+        description="maintenance is due (an alarm) when a sensor's trend may reach its "
+        "alarm limit within this many hours (the lower bound of its time to limit)",
+    )
     snapshot_interval_s: float = Field(default=10.0, gt=0, description="recovery snapshot interval")
     recovery_dir: Path | None = Field(
         default=None, description="recovery store (mode 0700); default STATE_DIR/recovery"

@@ -64,7 +64,12 @@ TWIN_STATE = TableSpec(
         ("anomalies", "LONG"),
         ("alarms", "LONG"),
         ("active_alarms", "VARCHAR"),
+        ("limit_sensor", "SYMBOL"),
+        ("time_to_limit_s", "DOUBLE"),
+        ("time_to_limit_low_s", "DOUBLE"),
     ),
+    # The limit columns: the sensor whose forecast has the smallest lower bound of time
+    # to limit, as of the row's time (NULL: no sensor is heading for a limit).
     timestamp="ts",
     dedup_keys=("ts", "entity"),
 )
@@ -105,12 +110,16 @@ ALARMS = TableSpec(
         ("verdict", "SYMBOL"),
         ("operator", "SYMBOL"),
         ("note", "VARCHAR"),
+        ("time_to_limit_s", "DOUBLE"),
+        ("time_to_limit_low_s", "DOUBLE"),
+        ("time_to_limit_high_s", "DOUBLE"),
     ),
     # The transition's event time; ``end`` (an SQL keyword: write it "end") is NULL
-    # while the alarm is active.
+    # while the alarm is active. The time-to-limit columns are a maintenance_due alarm's
+    # latest forecast (NULL for anomalies); top_sensors names its sensor.
     timestamp="ts",
-    # An event is one transition of one alarm, and an alarm is (entity, start).
-    dedup_keys=("ts", "entity", "start", "event"),
+    # An event is one transition of one alarm, and an alarm is (entity, kind, start).
+    dedup_keys=("ts", "entity", "kind", "start", "event"),
 )
 
 SETPOINTS = TableSpec(
@@ -131,6 +140,29 @@ SETPOINTS = TableSpec(
     timestamp="ts",
     dedup_keys=("ts", "entity", "setpoint", "status"),
 )
+FORECASTS = TableSpec(
+    name="forecasts",
+    columns=(
+        ("ts", "TIMESTAMP"),
+        ("entity", "SYMBOL"),
+        ("sensor", "SYMBOL"),
+        ("limit", "SYMBOL"),
+        ("limit_value", "DOUBLE"),
+        ("level", "DOUBLE"),
+        ("slope_per_h", "DOUBLE"),
+        ("time_to_limit_s", "DOUBLE"),
+        ("time_to_limit_low_s", "DOUBLE"),
+        ("time_to_limit_high_s", "DOUBLE"),
+        ("crossing", "TIMESTAMP"),
+        ("since", "TIMESTAMP"),
+    ),
+    # One row per forecast made: per sensor whose trend heads for an alarm limit, at the
+    # end of a bucket (15 min). ``limit`` is an SQL keyword: write it "limit". A NULL
+    # high bound means the slowest slope the data allow never gets there.
+    timestamp="ts",
+    dedup_keys=("ts", "entity", "sensor"),
+)
+
 DEADLETTERS = TableSpec(
     name="deadletters",
     columns=(
@@ -164,6 +196,7 @@ class Tables:
     alarms: TableSpec
     deadletters: TableSpec
     setpoints: TableSpec
+    forecasts: TableSpec
 
     def all(self) -> tuple[TableSpec, ...]:
         """Every table, in creation order."""
@@ -176,5 +209,14 @@ def tables(prefix: str = "") -> Tables:
     >>> tables("t1_").readings.name
     't1_readings'
     """
-    specs = (READINGS, SENSOR_WINDOWS, TWIN_STATE, ANOMALIES, ALARMS, DEADLETTERS, SETPOINTS)
+    specs = (
+        READINGS,
+        SENSOR_WINDOWS,
+        TWIN_STATE,
+        ANOMALIES,
+        ALARMS,
+        DEADLETTERS,
+        SETPOINTS,
+        FORECASTS,
+    )
     return Tables(*(dataclasses.replace(spec, name=prefix + spec.name) for spec in specs))

@@ -43,6 +43,7 @@ from schemas.outputs import (
     Counts,
     Flag,
     LateReading,
+    LimitForecast,
     SensorState,
     SensorWindow,
     SetpointChange,
@@ -52,6 +53,7 @@ from schemas.raw import RawMessage, Reason, SchemaError, decode_raw
 from twinflow.cleaning import SeriesCleaning, batch_parameters
 from twinflow.detection import DetectorConfig, EntityMonitor
 from twinflow.errors import TwinflowError
+from twinflow.maintenance import MaintenanceConfig, MaintenanceMonitor
 from twinflow.merge import ControlBatch, ControlMessage, Merge, RawRun
 from twinflow.setpoints import Setpoint
 from twinflow.settings import FlowSettings
@@ -202,6 +204,9 @@ class StepOutput:
     """Every change of a setpoint's desired or reported value or status."""
     verdicts: dict[str, int] = field(default_factory=dict)
     """Operator verdicts taken here, by outcome (``applied``: it changed the alarm)."""
+    forecasts: list[tuple[str, LimitForecast]] = field(default_factory=list)
+    """Every time-to-limit forecast made (entity, forecast): one per sensor with a
+    significant trend towards a limit, at the end of each bucket."""
 
 
 @dataclass
@@ -213,6 +218,8 @@ class EntityTwin:
     """Its row in the partition's entity columns."""
     monitor: EntityMonitor
     """Its anomaly model and alarm lifecycle."""
+    maintenance: MaintenanceMonitor
+    """Its sensors' trends, times to limit and maintenance alarm."""
     series: dict[str, int]
     """Series code of each sensor of its asset type."""
     machine: StatusMachine = field(default_factory=StatusMachine)
@@ -295,10 +302,10 @@ class _Report:
     at_ms: int
 
 
-STATE_VERSION = 3
-"""The layout of a :class:`PartitionTwins` snapshot. 3: with the back channel's merge and
-setpoints; 2: the detector with time scales, cycles, operating points and alarms; 1 (no
-version recorded): the single-scale one."""
+STATE_VERSION = 4
+"""The layout of a :class:`PartitionTwins` snapshot. 4: with predictive maintenance; 3:
+with the back channel's merge and setpoints; 2: the detector with time scales, cycles,
+operating points and alarms; 1 (no version recorded): the single-scale one."""
 
 
 class IncompatibleSnapshotError(TwinflowError):
@@ -326,6 +333,7 @@ class PartitionTwins:
         self.model = model
         self.flow = flow
         self.detector_config = detector
+        self.maintenance_config = MaintenanceConfig(horizon_h=flow.maintenance_horizon_h)
         self.entities: dict[str, EntityTwin] = {}
         self._twins: list[EntityTwin] = []
         self._series = _Series()
@@ -349,7 +357,7 @@ class PartitionTwins:
             # fail later, in the middle of a window, with nothing to say why.
             raise IncompatibleSnapshotError(
                 f"the recovery snapshot holds twin state of layout {version}, this twinflow "
-                f"keeps layout {STATE_VERSION} (its anomaly models changed). Move the "
+                f"keeps layout {STATE_VERSION} (its models changed). Move the "
                 "recovery store away to start over from the beginning of the topics "
                 "(outputs are idempotent, so reprocessing rewrites the same rows)."
             )
@@ -380,6 +388,7 @@ class PartitionTwins:
                     twin.series[sensor] = series.add(twin.index, twin.entity_id, sensor, spec)
                 else:
                     series.specs[code] = spec
+            twin.maintenance.adopt(model.asset_types[entity.type].sensors)
         series.columns = None
 
     def _advance(self, now_ms: int) -> int:
@@ -442,9 +451,15 @@ class PartitionTwins:
             twin = self.entities.get(message.entity_id)
             if twin is None:
                 return
-            alarms = twin.monitor.feedback(
-                message.alarm_id, message.verdict, message.user, message.note
-            )
+            # Each lifecycle takes only its own alarms' verdicts.
+            alarms = [
+                *twin.monitor.feedback(
+                    message.alarm_id, message.verdict, message.user, message.note
+                ),
+                *twin.maintenance.feedback(
+                    message.alarm_id, message.verdict, message.user, message.note
+                ),
+            ]
             outcome = "applied" if alarms else "ignored"
             out.verdicts[outcome] = out.verdicts.get(outcome, 0) + 1
             out.alarms.extend(alarms)
@@ -573,6 +588,7 @@ class PartitionTwins:
                 entity_id=entity_id,
                 index=index,
                 monitor=EntityMonitor(entity_id, self.detector_config),
+                maintenance=MaintenanceMonitor(entity_id, specs, self.maintenance_config),
                 series={
                     sensor: self._series.add(index, entity_id, sensor, spec)
                     for sensor, spec in specs.items()
@@ -881,7 +897,10 @@ class PartitionTwins:
         detection = verdict.detection
         twin.last_score, twin.last_threshold = detection.score, detection.threshold
         out.alarms.extend(verdict.alarms)
-        twin.counts["alarms"] = twin.monitor.alarms.raised
+        due = twin.maintenance.process_window(windows, start, end)
+        out.alarms.extend(due.alarms)
+        out.forecasts.extend((twin.entity_id, forecast) for forecast in due.made())
+        twin.counts["alarms"] = twin.monitor.alarms.raised + twin.maintenance.alarms.raised
         if detection.is_anomaly:
             twin.counts["anomalies"] += 1
             out.anomalies.append(
@@ -899,6 +918,7 @@ class PartitionTwins:
             if detection.threshold and not detection.warming_up
             else None
         )
+        # Maintenance due is a forecast, not a fault: the status follows anomalies only.
         twin.machine.window(bool(twin.monitor.alarms.active_ids), ratio, flagged / max(count, 1))
         out.states.append(self._state(twin, end, f"{twin.entity_id}@{end}"))
 
@@ -950,10 +970,14 @@ class PartitionTwins:
             sensors=dict(sorted(twin.sensors.items())),
             derived={name: metric.evaluate(latest) for name, metric in derived.items()},
             counts=Counts(**twin.counts),
-            active_alarms=twin.monitor.alarms.active_ids,
+            active_alarms=twin.monitor.alarms.active_ids + twin.maintenance.alarms.active_ids,
             setpoints={
                 name: setpoint.state()
                 for name, setpoint in sorted(self._setpoints.get(twin.entity_id, {}).items())
+            },
+            forecasts={
+                name: forecast.at(ts_ms) if ts_ms > forecast.ts_ms else forecast
+                for name, forecast in sorted(twin.maintenance.forecasts.items())
             },
         )
 

@@ -50,7 +50,7 @@ FLOW_SETTINGS = {
     "TWINFLOW_FLOW__IDLE_CLOSE_S": "6",
     "TWINFLOW_FLOW__STALE_AFTER_S": "3600",
 }
-ROW_TABLES = ("sensor_windows", "twin_state", "anomalies", "alarms")
+ROW_TABLES = ("sensor_windows", "twin_state", "anomalies", "alarms", "forecasts")
 """Tables whose rows must equal the golden run's, row for row."""
 _POLL_S = 0.25
 

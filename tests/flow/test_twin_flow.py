@@ -23,7 +23,7 @@ from schemas.raw import SchemaError, decode_raw
 from tests.helpers import recompute_windows
 from twinflow.detection import DetectorConfig
 from twinflow.settings import Settings, load_settings
-from twinflow.sim.faults import FaultPlan
+from twinflow.sim.faults import DegradationPlan, FaultPlan
 from twinflow.sim.messages import DataFaultPlan, MessageEncoder
 from twinflow.sim.scenario import Scenario, ScenarioConfig
 from twinflow.twin import InputMessage
@@ -319,4 +319,71 @@ def test_alarms_are_identical_under_one_and_two_workers(
     # A state says ALARM exactly while it names an active alarm.
     states = [msgspec.json.decode(r.value) for r in one_records if r.topic == "twin.state"]
     assert any(state["active_alarms"] for state in states)
-    assert all((state["status"] == "ALARM") == bool(state["active_alarms"]) for state in states)
+    assert all(
+        (state["status"] == "ALARM") == any("@" in a.split("/")[0] for a in state["active_alarms"])
+        for state in states
+    )
+
+
+# Predictive maintenance needs hours of event time: 40 hours of 4 machines read once a
+# minute (a day to learn, then pump-001 wears out within about 14 hours).
+HOUR_S = 3600.0
+
+
+@pytest.fixture(scope="module")
+def wear_input(model: TwinModel) -> dict[int, list[InputMessage]]:
+    entities = 4
+    sensors = sum(len(model.sensors_of(e.id)) for e in model.entities[:entities])
+    scenario = Scenario(
+        model,
+        ScenarioConfig(
+            start_ms=START_MS,
+            duration_s=40 * HOUR_S,
+            rate=sensors / 60.0,
+            entities=entities,
+            seed=5,
+            faults=FaultPlan(process_fault_share=0.0, sensor_fault_share=0.0),
+            daily_load=0.15,
+            degradation=DegradationPlan(
+                entity_ids=("pump-001",),
+                min_ramp_s=12 * HOUR_S,
+                max_ramp_s=14 * HOUR_S,
+                warmup_s=25 * HOUR_S,
+            ),
+        ),
+    )
+    encoder = MessageEncoder(model, DataFaultPlan(), seed=5)
+    by_partition: dict[int, list[InputMessage]] = {p: [] for p in range(PARTITIONS)}
+    for emission in encoder.emissions(scenario.samples(), scenario.tick_ms):
+        partition = _partition(emission.entity_id)
+        messages = by_partition[partition]
+        messages.append(
+            InputMessage(
+                "twin.raw", partition, len(messages), emission.publish_at_ms, emission.payload
+            )
+        )
+    return by_partition
+
+
+def test_maintenance_forecasts_are_identical_under_one_and_two_workers(
+    settings: Settings, model: TwinModel, wear_input: dict[int, list[InputMessage]]
+) -> None:
+    one_rows, one_records = _run(settings, model, wear_input, workers=1)
+    two_rows, two_records = _run(settings, model, wear_input, workers=2)
+    pieces_rows, _ = _run(settings, model, wear_input, workers=1, batch=7)
+    one = _canonical(_frames(one_rows))
+    assert _canonical(_frames(two_rows)) == one
+    assert _canonical(_frames(pieces_rows)) == one
+    forecasts = _frames(one_rows)["forecasts"]
+    assert set(forecasts["entity"]) == {"pump-001"}  # the one that wears
+    assert "vibration_rms" in set(forecasts["sensor"])
+    due = [a for a in _alarms(one_records) if a["kind"] == "maintenance_due"]
+    assert due and due[0]["entity_id"] == "pump-001" and due[0]["event"] == "raised"
+    assert due[0]["forecast"]["sensor"] == "vibration_rms"
+    assert _alarms(two_records) == _alarms(one_records)
+    schema = json.loads((ROOT / "schemas" / "json" / "twin_state.v1.schema.json").read_text())
+    states = [msgspec.json.decode(r.value) for r in one_records if r.topic == "twin.state"]
+    told = [s for s in states if s["forecasts"]]
+    assert told and all(s["entity_id"] == "pump-001" for s in told)
+    for state in told[-3:]:
+        jsonschema.validate(state, schema)

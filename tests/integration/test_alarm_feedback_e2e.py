@@ -11,73 +11,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
 
-from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
-from connectors.questdb import QuestDBError, QuestDBHttp
-from tests.helpers import clean_env, snapshot_epoch, twinflow_cli, wait_for_wal
+from connectors.kafka import TopicSpec, ensure_topics
+from connectors.questdb import QuestDBHttp
+from tests.helpers import snapshot_epoch, twinflow_cli, wait_for_wal
+from tests.integration.flows import flow_process, produce, table_rows, wait_until
 from twinflow.settings import Settings
 from twinflow.tables import tables
 from twinflow.topics import control_topics
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "infra" / "twin-model" / "example-plant.yaml"
 SHIFT_S = 2100
 """The planned change: after 35 min of steady running (the warm-up is 30 min)."""
 FIRST_S, LAST_S = 2400, 3300
 """Seconds of plant time produced before the verdict, and in all."""
-
-
-@dataclass
-class Flow:
-    """One ``twinflow run`` over the shared input topics, with its own outputs."""
-
-    name: str
-    env: dict[str, str]
-    recovery: Path
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("a") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "twinflow", "run"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 def _readings(start_ms: int, seconds: range) -> list[bytes]:
@@ -102,28 +57,6 @@ def _readings(start_ms: int, seconds: range) -> list[bytes]:
     return messages
 
 
-def _produce(settings: Settings, topic: str, payloads: list[bytes]) -> None:
-    producer = reliable_producer(settings.kafka)
-    for payload in payloads:
-        producer.produce(topic, value=payload, key=b"pump-001")
-    assert producer.flush(30) == 0
-
-
-def _rows(sql: QuestDBHttp, table: str, columns: str) -> list[tuple[object, ...]]:
-    try:
-        return [tuple(row) for row in sql.exec(f'SELECT {columns} FROM "{table}" ORDER BY ts').rows]
-    except QuestDBError:
-        return []
-
-
-def _wait_until(check: object, flow: Flow, what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        assert flow.running(), f"{flow.name} exited:\n{flow.tail()}"
-        assert time.monotonic() < deadline, f"{what} not within {timeout_s} s:\n{flow.tail()}"
-        time.sleep(0.5)
-
-
 ALARM_COLUMNS = 'alarm_id, event, active, ts, start, "end", acknowledged, verdict, operator, note'
 STATE_COLUMNS = "ts, status, anomaly_score, threshold, readings, anomalies, alarms, active_alarms"
 
@@ -133,30 +66,6 @@ def topics(stack: Settings) -> Iterator[dict[str, str]]:
     suffix = f"{int(time.time())}{os.getpid() % 1000:03d}"
     names = {name: f"fb.{name}.{suffix}" for name in ("raw", "deadletter", "feedback", "commands")}
     yield names
-
-
-def _flow(stack: Settings, topics: dict[str, str], workdir: Path, name: str) -> Flow:
-    recovery = workdir / f"recovery-{name}"
-    env = clean_env(
-        twin_model=str(MODEL),
-        state_dir=str(stack.state_dir),
-        topics__raw=topics["raw"],
-        topics__deadletter=topics["deadletter"],
-        topics__feedback=topics["feedback"],
-        topics__commands=topics["commands"],
-        topics__state=f"{topics['raw']}.state.{name}",
-        topics__anomalies=f"{topics['raw']}.anomalies.{name}",
-        topics__late=f"{topics['raw']}.late.{name}",
-        topics__alarms=f"{topics['raw']}.alarms.{name}",
-        questdb__table_prefix=f"{topics['raw'].replace('.', '_')}_{name}_",
-        flow__recovery_dir=str(recovery),
-        flow__snapshot_interval_s="1",
-        # Windows close on data only: idleness is system time, the one thing a replay
-        # cannot repeat.
-        flow__idle_close_s="600",
-        flow__stale_after_s="3600",
-    )
-    return Flow(name, env, recovery, workdir / f"{name}.log")
 
 
 def test_a_rejected_alarm_ends_and_a_restarted_flow_decides_the_same(
@@ -176,35 +85,37 @@ def test_a_rejected_alarm_ends_and_a_restarted_flow_decides_the_same(
         ),
     )
     start_ms = (int(time.time()) - 2 * 3600) * 1000
-    _produce(stack, topics["raw"], _readings(start_ms, range(FIRST_S)))
+    produce(stack, topics["raw"], _readings(start_ms, range(FIRST_S)))
 
-    live = _flow(stack, topics, tmp_path, "live")
+    live = flow_process(stack, topics, tmp_path, "live")
     names = tables(live.env["TWINFLOW_QUESTDB__TABLE_PREFIX"])
     live.start()
     try:
-        _wait_until(
-            lambda: any(row[1] == "raised" for row in _rows(sql, names.alarms.name, ALARM_COLUMNS)),
+        wait_until(
+            lambda: any(
+                row[1] == "raised" for row in table_rows(sql, names.alarms.name, ALARM_COLUMNS)
+            ),
             live,
             "an alarm on the speed change",
         )
-        alarm_id = _rows(sql, names.alarms.name, ALARM_COLUMNS)[0][0]
+        alarm_id = table_rows(sql, names.alarms.name, ALARM_COLUMNS)[0][0]
         judged = twinflow_cli(
             live.env, "alarms", "reject", str(alarm_id), "--note", "planned", "--user", "ann"
         )
         assert judged.returncode == 0, judged.stderr
         assert f"sent reject for {alarm_id} as ann" in judged.stdout
 
-        _produce(stack, topics["raw"], _readings(start_ms, range(FIRST_S, LAST_S)))
+        produce(stack, topics["raw"], _readings(start_ms, range(FIRST_S, LAST_S)))
         # The last window the watermark (newest reading - 5 s) closes ends after this.
         last_window = start_ms + (LAST_S - 20) * 1000
 
         def finished() -> bool:
-            states = _rows(sql, names.twin_state.name, "ts")
+            states = table_rows(sql, names.twin_state.name, "ts")
             return bool(states) and str(states[-1][0]) >= _iso(last_window)
 
-        _wait_until(finished, live, "the last window's state")
+        wait_until(finished, live, "the last window's state")
         wait_for_wal(sql, [names.alarms.name, names.twin_state.name])
-        alarms = _rows(sql, names.alarms.name, ALARM_COLUMNS)
+        alarms = table_rows(sql, names.alarms.name, ALARM_COLUMNS)
         assert [(row[0], row[1], row[2]) for row in alarms] == [
             (alarm_id, "raised", True),
             (alarm_id, "rejected", False),
@@ -214,7 +125,7 @@ def test_a_rejected_alarm_ends_and_a_restarted_flow_decides_the_same(
         # Back to OK at once; no alarm and no anomaly on the new level. While the
         # new operating point settles in, the score may come near the threshold (WARN)
         # for a window or two.
-        states = _rows(sql, names.twin_state.name, STATE_COLUMNS)
+        states = table_rows(sql, names.twin_state.name, STATE_COLUMNS)
         after = [row for row in states if str(row[0]) > str(rejected[3])]
         assert len(after) > 60
         assert after[0][1] == "OK" and not after[0][7]
@@ -238,29 +149,29 @@ def test_a_rejected_alarm_ends_and_a_restarted_flow_decides_the_same(
         live.stop()
 
     # The same topics again, from the start, killed once after a snapshot.
-    replayed = _flow(stack, topics, tmp_path, "replayed")
+    replayed = flow_process(stack, topics, tmp_path, "replayed")
     again_names = tables(replayed.env["TWINFLOW_QUESTDB__TABLE_PREFIX"])
     # One message per batch, so the first snapshot comes well before the end.
     replayed.env["TWINFLOW_FLOW__BATCH_SIZE"] = "1"
     replayed.start()
     try:
-        _wait_until(lambda: snapshot_epoch(replayed.recovery) >= 1, replayed, "a snapshot")
+        wait_until(lambda: snapshot_epoch(replayed.recovery) >= 1, replayed, "a snapshot")
         replayed.kill()
         del replayed.env["TWINFLOW_FLOW__BATCH_SIZE"]
-        assert len(_rows(sql, again_names.twin_state.name, "ts")) < len(states), (
+        assert len(table_rows(sql, again_names.twin_state.name, "ts")) < len(states), (
             "killed after it had finished: the restart would prove nothing"
         )
         replayed.start()
 
         def caught_up() -> bool:
-            return len(_rows(sql, again_names.twin_state.name, "ts")) >= len(states)
+            return len(table_rows(sql, again_names.twin_state.name, "ts")) >= len(states)
 
-        _wait_until(caught_up, replayed, "the restarted flow's last state")
+        wait_until(caught_up, replayed, "the restarted flow's last state")
         wait_for_wal(sql, [again_names.alarms.name, again_names.twin_state.name])
     finally:
         replayed.stop()
-    assert _rows(sql, again_names.alarms.name, ALARM_COLUMNS) == alarms
-    assert _rows(sql, again_names.twin_state.name, STATE_COLUMNS) == states
+    assert table_rows(sql, again_names.alarms.name, ALARM_COLUMNS) == alarms
+    assert table_rows(sql, again_names.twin_state.name, STATE_COLUMNS) == states
 
 
 def _iso(ms: int) -> str:

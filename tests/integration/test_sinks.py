@@ -98,6 +98,11 @@ def _twin_state(spec: TableSpec, count: int) -> TableBatch:
     ):
         columns[name] = i
     columns["active_alarms"] = [f"pump-{k % 5}@{k}" if k % 3 == 0 else "" for k in i]
+    near = i % 4 == 0  # a quarter of the machines head for a limit
+    columns["limit_sensor"] = [("vibration_rms" if n else None) for n in near]
+    hours = [float(k + 1) if n else None for k, n in zip(i.tolist(), near.tolist(), strict=True)]
+    columns["time_to_limit_s"] = [h and 3600.0 * h for h in hours]
+    columns["time_to_limit_low_s"] = [h and 1800.0 * h for h in hours]
     return table_frame(spec, columns)
 
 

@@ -528,6 +528,7 @@ PANEL_COLUMNS = {
     "Anomalies and their explanation": ("time", "score", "threshold", "top_sensors", "explanation"),
     "Status and health": ("time", "status", "health"),
     "Active alarms": ("entity", "alarm_id", "start", "peak_score", "threshold", "top_sensors"),
+    "Machines by time to limit": ("entity", "sensor", "lower_h", "expected_h", "as_of"),
     "Alarms": (
         "time",
         "event",
@@ -584,6 +585,8 @@ def test_every_dashboard_panel_query_runs_on_the_flow_output(
             problems.append(f"{board} / {title}: columns {result.column_names}")
         if title == "Active alarms":
             problems += _active_alarm_problems(sql, query, pipeline, events, start, end)
+        elif title == "Machines by time to limit":
+            pass  # minutes of plant forecast nothing; test_maintenance_e2e has its rows
         elif not result.rows:
             problems.append(f"{board} / {title}: no rows\n{rendered}")
     for board, dashboard in dashboards().items():

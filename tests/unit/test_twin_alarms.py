@@ -17,7 +17,13 @@ import pytest
 from schemas.outputs import Alarm, AlarmEvent, Status, TwinState
 from twinflow.detection import DetectorConfig
 from twinflow.settings import FlowSettings, load_settings
-from twinflow.twin import IncompatibleSnapshotError, InputMessage, PartitionTwins, StepOutput
+from twinflow.twin import (
+    STATE_VERSION,
+    IncompatibleSnapshotError,
+    InputMessage,
+    PartitionTwins,
+    StepOutput,
+)
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(
@@ -160,6 +166,7 @@ def test_a_silent_entity_goes_stale_still_naming_its_active_alarm() -> None:
 def test_a_snapshot_of_another_state_layout_is_refused_with_the_fix() -> None:
     twins, _out = _run(len(MESSAGES), MESSAGES[:700])
     older = pickle.dumps(twins).replace(b"state_version", b"state_versiom")  # none recorded
-    with pytest.raises(IncompatibleSnapshotError, match="layout 1, this twinflow keeps layout 3"):
+    expected = f"layout 1, this twinflow keeps layout {STATE_VERSION}"
+    with pytest.raises(IncompatibleSnapshotError, match=expected):
         pickle.loads(older)
-    assert pickle.loads(pickle.dumps(twins)).state_version == 3
+    assert pickle.loads(pickle.dumps(twins)).state_version == STATE_VERSION

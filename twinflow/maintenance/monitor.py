@@ -131,8 +131,18 @@ class MaintenanceVerdict:
     forecasts: Mapping[str, LimitForecast]
     """Per sensor with a significant trend heading for an alarm limit."""
     alarms: list[Alarm]
-    updated: bool
-    """Whether a bucket closed, so ``forecasts`` were remade."""
+    made_ms: int | None
+    """End of the bucket whose close remade ``forecasts`` in this window (None: none
+    closed); the forecasts made then carry it as their ``ts_ms``."""
+
+    @property
+    def updated(self) -> bool:
+        """Whether a bucket closed, so ``forecasts`` were remade."""
+        return self.made_ms is not None
+
+    def made(self) -> list[LimitForecast]:
+        """The forecasts made in this window (one kept from an earlier bucket is not)."""
+        return [f for f in self.forecasts.values() if f.ts_ms == self.made_ms]
 
 
 @dataclass
@@ -221,15 +231,15 @@ class MaintenanceMonitor:
     ) -> MaintenanceVerdict:
         """Take one closed window of the entity (its sensors' features)."""
         if not self._limits.names:
-            return MaintenanceVerdict(self.forecasts, [], False)
+            return MaintenanceVerdict(self.forecasts, [], None)
         bucket_ms = self.config.bucket_ms
         bucket = start_ms // bucket_ms
         alarms: list[Alarm] = []
-        updated = False
+        made_ms = None
         if self._bucket != bucket:
             if self._bucket >= 0:
+                made_ms = (self._bucket + 1) * bucket_ms
                 alarms = self._close()
-                updated = True
             self._bucket = bucket
         for k, name in enumerate(self._limits.names):
             window = windows.get(name)
@@ -237,9 +247,9 @@ class MaintenanceMonitor:
                 self._sums[k] += window.mean
                 self._counts[k] += 1
         if end_ms >= (bucket + 1) * bucket_ms:
+            made_ms = (bucket + 1) * bucket_ms
             alarms.extend(self._close())
-            updated = True
-        return MaintenanceVerdict(self.forecasts, alarms, updated)
+        return MaintenanceVerdict(self.forecasts, alarms, made_ms)
 
     def feedback(self, alarm_id: str, verdict: Verdict, operator: str, note: str) -> list[Alarm]:
         """Apply an operator's verdict on the maintenance alarm (others are not its own).
