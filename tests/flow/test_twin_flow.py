@@ -78,6 +78,11 @@ def raw_input(model: TwinModel) -> dict[int, list[InputMessage]]:
         late_delay_s=60.0,
     )
     encoder = MessageEncoder(model, plan, seed=21)
+    return _partitioned(scenario, encoder)
+
+
+def _partitioned(scenario: Scenario, encoder: MessageEncoder) -> dict[int, list[InputMessage]]:
+    """The scenario's messages as the partitions of twin.raw hold them."""
     by_partition: dict[int, list[InputMessage]] = {p: [] for p in range(PARTITIONS)}
     for emission in encoder.emissions(scenario.samples(), scenario.tick_ms):
         partition = _partition(emission.entity_id)
@@ -353,16 +358,7 @@ def wear_input(model: TwinModel) -> dict[int, list[InputMessage]]:
         ),
     )
     encoder = MessageEncoder(model, DataFaultPlan(), seed=5)
-    by_partition: dict[int, list[InputMessage]] = {p: [] for p in range(PARTITIONS)}
-    for emission in encoder.emissions(scenario.samples(), scenario.tick_ms):
-        partition = _partition(emission.entity_id)
-        messages = by_partition[partition]
-        messages.append(
-            InputMessage(
-                "twin.raw", partition, len(messages), emission.publish_at_ms, emission.payload
-            )
-        )
-    return by_partition
+    return _partitioned(scenario, encoder)
 
 
 def test_maintenance_forecasts_are_identical_under_one_and_two_workers(

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from connectors.kafka import reliable_producer
+from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
 from connectors.questdb import QuestDBError, QuestDBHttp
 from tests.helpers import clean_env
 from twinflow.settings import Settings
+from twinflow.topics import control_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "infra" / "twin-model" / "example-plant.yaml"
@@ -110,3 +111,19 @@ def wait_until(
         assert flow.running(), f"{flow.name} exited:\n{flow.tail()}"
         assert time.monotonic() < deadline, f"{what} not within {timeout_s} s:\n{flow.tail()}"
         time.sleep(0.5)
+
+
+def create_topics(stack: Settings, topics: dict[str, str]) -> None:
+    """The input topics of :func:`flow_process`, as the services would have them."""
+    ensure_topics(
+        stack.kafka,
+        [TopicSpec(topics["raw"], stack.topics.raw_partitions), TopicSpec(topics["deadletter"], 1)],
+    )
+    ensure_topics(
+        stack.kafka,
+        control_topics(
+            stack.topics.model_copy(
+                update={"feedback": topics["feedback"], "commands": topics["commands"]}
+            )
+        ),
+    )

@@ -19,13 +19,11 @@ import msgspec
 import numpy as np
 import pytest
 
-from connectors.kafka import TopicSpec, ensure_topics
 from connectors.questdb import QuestDBHttp
 from tests.helpers import snapshot_epoch, twinflow_cli, wait_for_wal
-from tests.integration.flows import flow_process, produce, table_rows, wait_until
+from tests.integration.flows import create_topics, flow_process, produce, table_rows, wait_until
 from twinflow.settings import Settings
 from twinflow.tables import tables
-from twinflow.topics import control_topics
 
 pytestmark = pytest.mark.integration
 
@@ -72,18 +70,7 @@ def test_a_rejected_alarm_ends_and_a_restarted_flow_decides_the_same(
     stack: Settings, topics: dict[str, str], tmp_path: Path
 ) -> None:
     sql = QuestDBHttp(stack.questdb)
-    ensure_topics(
-        stack.kafka,
-        [TopicSpec(topics["raw"], stack.topics.raw_partitions), TopicSpec(topics["deadletter"], 1)],
-    )
-    ensure_topics(
-        stack.kafka,
-        control_topics(
-            stack.topics.model_copy(
-                update={"feedback": topics["feedback"], "commands": topics["commands"]}
-            )
-        ),
-    )
+    create_topics(stack, topics)
     start_ms = (int(time.time()) - 2 * 3600) * 1000
     produce(stack, topics["raw"], _readings(start_ms, range(FIRST_S)))
 

@@ -22,14 +22,19 @@ import msgspec
 import numpy as np
 import pytest
 
-from connectors.kafka import TopicSpec, ensure_topics
 from connectors.questdb import QuestDBHttp
 from tests.grafana import panel_queries, render
 from tests.helpers import snapshot_epoch, twinflow_cli, wait_for_wal
-from tests.integration.flows import FlowProcess, flow_process, produce, table_rows, wait_until
+from tests.integration.flows import (
+    FlowProcess,
+    create_topics,
+    flow_process,
+    produce,
+    table_rows,
+    wait_until,
+)
 from twinflow.settings import Settings
 from twinflow.tables import tables
-from twinflow.topics import control_topics
 
 pytestmark = pytest.mark.integration
 
@@ -80,18 +85,7 @@ def test_a_wearing_pump_is_due_for_maintenance_and_a_restart_forecasts_the_same(
     stack: Settings, topics: dict[str, str], tmp_path: Path
 ) -> None:
     sql = QuestDBHttp(stack.questdb)
-    ensure_topics(
-        stack.kafka,
-        [TopicSpec(topics["raw"], stack.topics.raw_partitions), TopicSpec(topics["deadletter"], 1)],
-    )
-    ensure_topics(
-        stack.kafka,
-        control_topics(
-            stack.topics.model_copy(
-                update={"feedback": topics["feedback"], "commands": topics["commands"]}
-            )
-        ),
-    )
+    create_topics(stack, topics)
     # Three days ago: inside the flow's max_age_s (7 days) and wholly in the past.
     start_ms = (int(time.time()) // 86_400 - 3) * 86_400_000
     produce(stack, topics["raw"], _readings(start_ms))
