@@ -61,8 +61,9 @@ class Trends:
     """Whether the line leaves less squared error than the best single step: wear is
     gradual; a new setpoint or a repair is a step."""
     tilt: Floats
-    """The most a daily cycle can tilt the slope: per unit of amplitude from :func:`fit`,
-    in units per hour once :func:`fit_spans` has multiplied in the sensor's amplitude."""
+    """The most a daily cycle can tilt the slope: per unit of amplitude from :func:`fit`;
+    in units per hour from :func:`fit_spans`, which multiplies in what the sensor's
+    estimated cycle may be wrong by (at the ``confidence`` quantile)."""
     significant: Bools
     """Whether the slope is significant (set by :func:`fit_spans`; :func:`fit` says no)."""
     ruled_out: Bools
