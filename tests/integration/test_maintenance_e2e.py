@@ -156,11 +156,16 @@ def test_a_wearing_pump_is_due_for_maintenance_and_a_restart_forecasts_the_same(
     replayed.env["TWINFLOW_FLOW__SNAPSHOT_INTERVAL_S"] = "0.2"
     replayed.start()
     try:
-        wait_until(lambda: snapshot_epoch(replayed.recovery) >= 1, replayed, "a snapshot")
+        wait_until(lambda: "first batch from offset" in replayed.tail(), replayed, "a batch")
+        taken = snapshot_epoch(replayed.recovery)
+        wait_until(lambda: snapshot_epoch(replayed.recovery) > taken, replayed, "a snapshot")
         replayed.kill()
         assert len(table_rows(sql, again.forecasts.name, "ts")) < len(forecasts), (
             "killed after it had forecast everything: the restart would prove nothing"
         )
+        # The restart runs as a flow would, with the default batches and snapshots.
+        del replayed.env["TWINFLOW_FLOW__BATCH_SIZE"]
+        del replayed.env["TWINFLOW_FLOW__SNAPSHOT_INTERVAL_S"]
         replayed.start()
         wait_until(
             lambda: (
