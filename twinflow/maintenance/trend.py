@@ -21,7 +21,7 @@ day of history its cycle is unknown and it makes no forecast.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from statistics import NormalDist
 
@@ -247,7 +247,7 @@ def fit_spans(
         known = np.isfinite(trends.slope_se) & ~np.isnan(largest_tilt)
         ratio = np.where(known, np.nan_to_num(ratio, nan=-np.inf, posinf=-np.inf), -np.inf)
         ratio[~trends.line_beats_step] = np.minimum(ratio[~trends.line_beats_step], 0.0)
-        candidates.append(_with(trends, tilt=tilt))
+        candidates.append(replace(trends, tilt=tilt))
         ratios.append(ratio)
         ruled.append(known & ~reachable)
     stacked = np.vstack(ratios)
@@ -266,11 +266,6 @@ def fit_spans(
         significant=significant[best, pick] & found,
         ruled_out=np.vstack(ruled)[best, pick] & found,
     )
-
-
-def _with(trends: Trends, **changes: Floats) -> Trends:
-    values = {f.name: getattr(trends, f.name) for f in fields(Trends)}
-    return Trends(**{**values, **changes})
 
 
 @cache
