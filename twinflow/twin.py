@@ -731,7 +731,9 @@ class PartitionTwins:
             _, first = np.unique(keys[candidates], return_index=True)
             repeated = np.ones(len(candidates), dtype=bool)
             repeated[first] = False
-            duplicate[candidates] = repeated | self._windows.holds(keys[candidates])
+            duplicate[candidates] = repeated | self._windows.holds(
+                series[candidates], ts[candidates]
+            )
         clean = valid & ~duplicate
 
         flags = (

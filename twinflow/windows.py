@@ -63,6 +63,26 @@ class OpenWindows:
 
     length_ms: int
     readings: WindowReadings = field(default_factory=WindowReadings)
+    newest_ms: Int64s = field(default_factory=_empty_ints)
+    """Per series code, at least the newest timestamp ever held: only a reading at or
+    before it can be a repeat, so :meth:`holds` rarely searches the held readings."""
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if "newest_ms" not in state:  # a snapshot from before the field
+            self.newest_ms = _empty_ints()
+            held = self.readings
+            self._raise_newest(held.series, held.ts_ms)
+
+    def _raise_newest(self, series: Int64s, ts_ms: Int64s) -> None:
+        if not len(series):
+            return
+        size = int(series.max()) + 1
+        if size > len(self.newest_ms):
+            grown = np.full(size, -1, dtype=np.int64)
+            grown[: len(self.newest_ms)] = self.newest_ms
+            self.newest_ms = grown
+        np.maximum.at(self.newest_ms, series, ts_ms)
 
     def start_of(self, ts_ms: Int64s) -> Int64s:
         """The start of the window each timestamp falls in."""
@@ -73,6 +93,7 @@ class OpenWindows:
         if not len(ts_ms):
             return
         held = self.readings
+        self._raise_newest(series, ts_ms)
         self.readings = WindowReadings(
             np.concatenate([held.series, series]),
             np.concatenate([held.start_ms, self.start_of(ts_ms)]),
@@ -81,12 +102,22 @@ class OpenWindows:
             np.concatenate([held.flags, flags]),
         )
 
-    def holds(self, keys: Int64s) -> npt.NDArray[np.bool_]:
-        """Which of these :func:`series_keys` an open window already holds."""
+    def holds(self, series: Int64s, ts_ms: Int64s) -> npt.NDArray[np.bool_]:
+        """Which of these readings (by series and time) an open window already holds."""
         held = self.readings
-        if not len(held) or not len(keys):
-            return np.zeros(len(keys), dtype=bool)
-        return np.isin(keys, series_keys(held.series, held.ts_ms))
+        found = np.zeros(len(ts_ms), dtype=bool)
+        if not len(held) or not len(ts_ms):
+            return found
+        newest = np.full(len(ts_ms), -1, dtype=np.int64)
+        known = series < len(self.newest_ms)
+        newest[known] = self.newest_ms[series[known]]
+        suspects = np.flatnonzero(ts_ms <= newest)
+        if len(suspects):
+            found[suspects] = np.isin(
+                series_keys(series[suspects], ts_ms[suspects]),
+                series_keys(held.series, held.ts_ms),
+            )
+        return found
 
     def pop_closed(self, limit_by_series: Int64s) -> WindowReadings:
         """Remove and return the readings of windows ending at or before their limit."""
