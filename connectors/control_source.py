@@ -48,7 +48,7 @@ class BackChannelSource(FixedPartitionedSource[Item, Offsets]):
         commands_topic: str,
         margin_s: float,
         batch_size: int = 1000,
-        tick_s: float = 0.1,
+        tick_s: float = 0.05,
     ) -> None:
         self.kafka = kafka
         self.raw_topic = raw_topic

@@ -14,10 +14,12 @@ Step ids are part of the recovery contract: renaming one orphans its snapshots.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import bytewax.operators as op
 import numpy as np
@@ -33,7 +35,13 @@ from twinflow.detection import DetectorConfig
 from twinflow.merge import ControlBatch
 from twinflow.settings import Settings
 from twinflow.tables import tables as table_specs
-from twinflow.twin import InputMessage, PartitionTwins, StepOutput
+from twinflow.twin import (
+    START_OVER,
+    IncompatibleSnapshotError,
+    InputMessage,
+    PartitionTwins,
+    StepOutput,
+)
 from twinflow.twin_model import TwinModel
 
 Batch = tuple[str, Sequence[InputMessage]]
@@ -79,6 +87,55 @@ def observe(out: StepOutput, now_ms: int) -> None:
         metrics.setpoint_changes.labels(status).inc(count)
 
 
+@dataclass(frozen=True, slots=True)
+class PickledTwins:
+    """A snapshot of a partition's twins: one pickle, taken when the epoch closed."""
+
+    data: bytes
+
+
+class TwinsCell:
+    """The ``twins`` step's state: the live twins, whose copy is their pickle.
+
+    Bytewax snapshots a ``stateful_map`` state by deep-copying it at every epoch and
+    pickling the copy later. Pickling the twins once instead gives the same frozen
+    snapshot for less than half the pause (at 1,000 entities a deep copy took 0.32 s,
+    a pickle 0.24 s), and every reading in the worker waits out that pause.
+    """
+
+    __slots__ = ("twins",)
+
+    def __init__(self, twins: PartitionTwins) -> None:
+        self.twins = twins
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PickledTwins:
+        with metrics.step_seconds.labels("twins_snapshot").time():
+            return PickledTwins(pickle.dumps(self.twins, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def restored(state: TwinsCell | PickledTwins | PartitionTwins) -> PartitionTwins:
+    """The twins held by a ``twins`` state, live or resumed from a snapshot.
+
+    A store written before snapshots were pickles holds the twins themselves.
+    """
+    if isinstance(state, TwinsCell):
+        return state.twins
+    if isinstance(state, PickledTwins):
+        try:
+            twins = pickle.loads(state.data)  # noqa: S301 - the flow's own recovery store
+        except (pickle.UnpicklingError, AttributeError, ImportError) as exc:
+            raise IncompatibleSnapshotError(
+                f"the recovery snapshot holds twin state this twinflow cannot read ({exc}). "
+                f"{START_OVER}"
+            ) from exc
+        if not isinstance(twins, PartitionTwins):
+            raise IncompatibleSnapshotError(
+                f"the recovery snapshot holds a {type(twins).__name__}, not twins. {START_OVER}"
+            )
+        return twins
+    return state
+
+
 def timed(
     step_id: str, convert: Callable[[_In, _Target], list[_Out]], target: _Target
 ) -> Callable[[tuple[str, _In]], list[_Out]]:
@@ -115,12 +172,13 @@ def build_flow(
     back_channel = control_source is not None
 
     def step(
-        state: PartitionTwins | None, messages: Sequence[InputMessage] | ControlBatch
-    ) -> tuple[PartitionTwins, StepOutput]:
+        state: TwinsCell | PickledTwins | PartitionTwins | None,
+        messages: Sequence[InputMessage] | ControlBatch,
+    ) -> tuple[TwinsCell, StepOutput]:
         if state is None:
             twins = PartitionTwins(model, settings.flow, config, back_channel=back_channel)
         else:
-            twins = state
+            twins = restored(state)
             if twins.model is not model:
                 # Restored from a snapshot: run on with this start's model and settings.
                 twins.adopt(model, settings.flow)
@@ -128,7 +186,7 @@ def build_flow(
         with metrics.step_seconds.labels("twins").time():
             out = twins.step(messages, now_ms)
         observe(out, now_ms)
-        return twins, out
+        return state if isinstance(state, TwinsCell) else TwinsCell(twins), out
 
     flow = Dataflow("twinflow")
     raw = op.input("raw_in", flow, raw_source)

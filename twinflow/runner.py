@@ -8,6 +8,7 @@ import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from bytewax.recovery import (
     InconsistentPartitionsError,
@@ -33,6 +34,7 @@ from twinflow.topics import control_topics, ingest_topics, output_topics
 from twinflow.twin import IncompatibleSnapshotError
 from twinflow.twin_model import TwinModel
 
+_E = TypeVar("_E", bound=BaseException)
 log = logging.getLogger("twinflow.run")
 RECOVERY_PARTITIONS = 4
 """Recovery partitions created in a new store; any worker count can share them."""
@@ -133,14 +135,28 @@ def run_flow(
                 epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
                 recovery_config=recovery,
             )
-        except IncompatibleSnapshotError as exc:
-            raise TwinflowError(f"the recovery store {_store(settings)}: {exc}") from None
         except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
             raise TwinflowError(
                 f"the recovery store {_store(settings)} is damaged ({exc}). Restore it from "
                 "a backup, or move it away to start over from the beginning of the topics "
                 "(outputs are idempotent, so reprocessing rewrites the same rows)."
             ) from None
+        except Exception as exc:
+            # Bytewax wraps what a step raised; the twins raise this when resuming.
+            incompatible = _caused_by(exc, IncompatibleSnapshotError)
+            if incompatible is None:
+                raise
+            raise TwinflowError(f"the recovery store {_store(settings)}: {incompatible}") from None
+
+
+def _caused_by(exc: BaseException, kind: type[_E]) -> _E | None:
+    """``exc`` or the first exception of ``kind`` in its chain of causes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _store(settings: Settings) -> Path:

@@ -369,7 +369,7 @@ class FlowSettings(_Section):
     )
     batch_size: int = Field(default=5000, ge=1, description="Kafka messages per step call")
     back_channel_margin_s: float = Field(
-        default=0.25,
+        default=0.05,
         ge=0,
         le=60,
         description="a source that finds nothing more to read has read all stamped this "

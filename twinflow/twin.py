@@ -312,6 +312,12 @@ class IncompatibleSnapshotError(TwinflowError):
     """A recovery snapshot holds state of another layout than this twinflow's."""
 
 
+START_OVER = (
+    "Move the recovery store away to start over from the beginning of the topics "
+    "(outputs are idempotent, so reprocessing rewrites the same rows)."
+)
+
+
 class PartitionTwins:
     """The state of one partition's step: picklable, so recovery can snapshot it.
 
@@ -357,9 +363,7 @@ class PartitionTwins:
             # fail later, in the middle of a window, with nothing to say why.
             raise IncompatibleSnapshotError(
                 f"the recovery snapshot holds twin state of layout {version}, this twinflow "
-                f"keeps layout {STATE_VERSION} (its models changed). Move the "
-                "recovery store away to start over from the beginning of the topics "
-                "(outputs are idempotent, so reprocessing rewrites the same rows)."
+                f"keeps layout {STATE_VERSION} (its models changed). {START_OVER}"
             )
         # The time the flow was down after this snapshot is nobody's silence.
         self.__dict__.update(state)

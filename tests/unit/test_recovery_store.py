@@ -6,8 +6,9 @@ import stat
 import threading
 from pathlib import Path
 
-from twinflow.runner import RECOVERY_PARTITIONS, recovery_config
+from twinflow.runner import RECOVERY_PARTITIONS, _caused_by, recovery_config
 from twinflow.settings import load_settings
+from twinflow.twin import IncompatibleSnapshotError
 
 
 def test_processes_starting_together_share_one_private_store(tmp_path: Path) -> None:
@@ -35,3 +36,14 @@ def test_processes_starting_together_share_one_private_store(tmp_path: Path) -> 
     assert len(list(store.glob("part-*.sqlite3"))) == RECOVERY_PARTITIONS
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
     assert [p.name for p in store.parent.iterdir()] == ["recovery"]  # nothing left behind
+
+
+def test_a_resume_error_is_found_under_the_errors_bytewax_wraps_it_in() -> None:
+    try:
+        try:
+            raise IncompatibleSnapshotError("layout 3")
+        except IncompatibleSnapshotError as inner:
+            raise RuntimeError("error calling StatefulBatchLogic.on_batch") from inner
+    except RuntimeError as outer:
+        assert str(_caused_by(outer, IncompatibleSnapshotError)) == "layout 3"
+        assert _caused_by(outer, KeyError) is None

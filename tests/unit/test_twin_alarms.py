@@ -8,12 +8,14 @@ cleared after three normal windows, at the end of window 87.
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from flows.twin import PickledTwins, TwinsCell, restored
 from schemas.outputs import Alarm, AlarmEvent, Status, TwinState
 from twinflow.detection import DetectorConfig
 from twinflow.settings import FlowSettings, load_settings
@@ -170,3 +172,17 @@ def test_a_snapshot_of_another_state_layout_is_refused_with_the_fix() -> None:
     with pytest.raises(IncompatibleSnapshotError, match=expected):
         pickle.loads(older)
     assert pickle.loads(pickle.dumps(twins)).state_version == STATE_VERSION
+
+
+def test_a_pickled_snapshot_resumes_the_same_twins_or_is_refused_with_the_fix() -> None:
+    twins, _out = _run(len(MESSAGES), MESSAGES[:700])
+    snapshot = copy.deepcopy(TwinsCell(twins))
+    assert isinstance(snapshot, PickledTwins)
+    resumed = restored(snapshot).step(MESSAGES[700:], WALL_MS)
+    original = twins.step(MESSAGES[700:], WALL_MS)
+    assert resumed.alarms and resumed.alarms == original.alarms
+    assert resumed.states == original.states
+    missing_class = b"cno_such_module\nTwins\n."
+    for unreadable in (PickledTwins(missing_class), PickledTwins(pickle.dumps({"twins": 1}))):
+        with pytest.raises(IncompatibleSnapshotError, match="Move the recovery store away"):
+            restored(unreadable)
