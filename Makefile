@@ -24,6 +24,7 @@ lint: venv
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+	$(VENV)/lint-imports
 
 # pytest exits 5 when it collected no test: that is a failure here, said out loud.
 test: setup lint

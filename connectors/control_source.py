@@ -23,8 +23,8 @@ from connectors.kafka import client_config
 from connectors.kafka_source import KafkaSourceError, flow_consumer, partition_key
 from schemas import control, deadletter
 from schemas.raw import Reason
+from schemas.transport import ControlBatch, ControlMessage, ControlPayload
 from twinflow import metrics
-from twinflow.merge import ControlBatch, ControlMessage, ControlPayload
 from twinflow.settings import KafkaSettings
 
 log = logging.getLogger("twinflow.source.control")

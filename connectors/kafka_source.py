@@ -23,10 +23,10 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import client_config
+from schemas.transport import InputMessage, MessageBatch
 from twinflow import metrics
 from twinflow.errors import TwinflowError
 from twinflow.settings import KafkaSettings
-from twinflow.twin import InputMessage, MessageBatch
 
 Batch = tuple[str, Sequence[InputMessage]]
 log = logging.getLogger("twinflow.source.kafka")

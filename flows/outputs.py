@@ -11,13 +11,12 @@ from connectors.kafka import KafkaRecord
 from connectors.questdb import TableBatch
 from connectors.questdb_sink import table_frame
 from schemas import deadletter, outputs
+from schemas.outputs import COUNTS, WINDOW_FEATURES
 from schemas.raw import Reason
+from schemas.transport import InputMessage
 from twinflow.settings import TopicSettings
 from twinflow.tables import Tables
-from twinflow.twin import InputMessage, StepOutput
-
-_COUNTS = ("readings", "flagged", "duplicates", "late", "dead_letters", "anomalies", "alarms")
-_FEATURES = ("count", "mean", "min", "max", "std", "last", "slope")
+from twinflow.twin import StepOutput
 
 
 def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
@@ -47,7 +46,7 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "entity": [w.entity_id for w in windows],
                     "sensor": [w.sensor for w in windows],
                     "window_end": [w.window_end_ms for w in windows],
-                    **{name: [getattr(w, name) for w in windows] for name in _FEATURES},
+                    **{name: [getattr(w, name) for w in windows] for name in WINDOW_FEATURES},
                     "flagged": [w.flagged for w in windows],
                 },
             )
@@ -64,7 +63,7 @@ def table_batches(out: StepOutput, tables: Tables) -> list[TableBatch]:
                     "health": [s.health for s in states],
                     "anomaly_score": [s.anomaly_score for s in states],
                     "threshold": [s.threshold for s in states],
-                    **{name: [getattr(s.counts, name) for s in states] for name in _COUNTS},
+                    **{name: [getattr(s.counts, name) for s in states] for name in COUNTS},
                     "active_alarms": [",".join(s.active_alarms) for s in states],
                     **_nearest_limits(states),
                 },

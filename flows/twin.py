@@ -30,18 +30,12 @@ from bytewax.outputs import Sink
 from connectors.kafka import KafkaRecord
 from connectors.questdb import TableBatch
 from flows.outputs import deadletter_batches, kafka_records, table_batches
+from schemas.transport import ControlBatch, InputMessage
 from twinflow import metrics
 from twinflow.detection import DetectorConfig
-from twinflow.merge import ControlBatch
 from twinflow.settings import Settings
 from twinflow.tables import tables as table_specs
-from twinflow.twin import (
-    START_OVER,
-    IncompatibleSnapshotError,
-    InputMessage,
-    PartitionTwins,
-    StepOutput,
-)
+from twinflow.twin import START_OVER, IncompatibleSnapshotError, PartitionTwins, StepOutput
 from twinflow.twin_model import TwinModel
 
 Batch = tuple[str, Sequence[InputMessage]]

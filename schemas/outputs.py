@@ -69,6 +69,15 @@ class SensorWindow(msgspec.Struct, frozen=True):
     """Readings of the window with any quality flag (spikes are not in the features)."""
 
 
+WINDOW_FEATURES: tuple[str, ...] = tuple(
+    name
+    for name in SensorWindow.__struct_fields__
+    if name not in {"entity_id", "sensor", "window_start_ms", "window_end_ms", "flagged"}
+)
+"""The numeric features of a window, as :class:`SensorWindow` declares them (in order):
+the ``sensor_windows`` columns, the row builders and the detector's choice derive from it."""
+
+
 class Contribution(msgspec.Struct, frozen=True):
     """One feature's part in an anomaly: how far it was from what the model expects."""
 
@@ -289,6 +298,11 @@ class Counts(msgspec.Struct, frozen=True):
     anomalies: int = 0
     alarms: int = 0
     """Alarms raised."""
+
+
+COUNTS: tuple[str, ...] = Counts.__struct_fields__
+"""The per-entity counts, as :class:`Counts` declares them: the ``twin_state`` columns and
+the twins' running counts derive from it."""
 
 
 class TwinState(msgspec.Struct, frozen=True):

@@ -23,36 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas import deadletter
-from schemas.control import Command, CommandResult, Feedback
+from schemas.transport import ControlBatch, ControlMessage
 
 NEVER_MS = -(2**62)
 ALWAYS_MS = 2**62
-
-ControlPayload = Feedback | Command | CommandResult
-
-
-@dataclass(frozen=True, slots=True)
-class ControlMessage:
-    """One decoded back-channel message, with its Kafka coordinates."""
-
-    topic: str
-    offset: int
-    timestamp_ms: int
-    message: ControlPayload
-
-
-@dataclass(frozen=True, slots=True)
-class ControlBatch:
-    """What the back-channel source hands every raw partition's twins."""
-
-    messages: tuple[ControlMessage, ...]
-    progress_ms: int
-    """Every back-channel message stamped at or before this has been read."""
-    dead_letters: tuple[deadletter.DeadLetter, ...] = ()
-    """Messages that did not decode; on one partition's copy only, so each is one letter."""
-    reports: bool = False
-    """Whether this copy reports problems (dead letters, refused commands): one copy does."""
 
 
 @dataclass(slots=True)

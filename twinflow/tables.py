@@ -12,7 +12,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import msgspec
+
 from connectors.questdb import TableSpec
+from schemas.outputs import COUNTS, WINDOW_FEATURES, Counts, SensorWindow
+
+_QUESTDB_TYPES = {int: "LONG", float: "DOUBLE"}
+
+
+def _columns(struct: type[msgspec.Struct], names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Columns for the numeric fields ``names`` of ``struct``, typed as it declares them."""
+    types = {field.name: field.type for field in msgspec.structs.fields(struct)}
+    return tuple((name, _QUESTDB_TYPES[types[name]]) for name in names)
+
 
 READINGS = TableSpec(
     name="readings",
@@ -34,13 +46,7 @@ SENSOR_WINDOWS = TableSpec(
         ("entity", "SYMBOL"),
         ("sensor", "SYMBOL"),
         ("window_end", "TIMESTAMP"),
-        ("count", "LONG"),
-        ("mean", "DOUBLE"),
-        ("min", "DOUBLE"),
-        ("max", "DOUBLE"),
-        ("std", "DOUBLE"),
-        ("last", "DOUBLE"),
-        ("slope", "DOUBLE"),
+        *_columns(SensorWindow, WINDOW_FEATURES),
         ("flagged", "LONG"),
     ),
     timestamp="ts",
@@ -56,13 +62,7 @@ TWIN_STATE = TableSpec(
         ("health", "DOUBLE"),
         ("anomaly_score", "DOUBLE"),
         ("threshold", "DOUBLE"),
-        ("readings", "LONG"),
-        ("flagged", "LONG"),
-        ("duplicates", "LONG"),
-        ("late", "LONG"),
-        ("dead_letters", "LONG"),
-        ("anomalies", "LONG"),
-        ("alarms", "LONG"),
+        *_columns(Counts, COUNTS),
         ("active_alarms", "VARCHAR"),
         ("limit_sensor", "SYMBOL"),
         ("time_to_limit_s", "DOUBLE"),

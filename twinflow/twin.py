@@ -31,13 +31,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from schemas import control, deadletter
 from schemas.outputs import (
+    COUNTS,
     Alarm,
     Anomaly,
     Counts,
@@ -50,11 +51,12 @@ from schemas.outputs import (
     TwinState,
 )
 from schemas.raw import RawMessage, Reason, SchemaError, decode_raw
+from schemas.transport import ControlBatch, ControlMessage, InputMessage, MessageBatch
 from twinflow.cleaning import SeriesCleaning, batch_parameters
 from twinflow.detection import DetectorConfig, EntityMonitor
 from twinflow.errors import TwinflowError
 from twinflow.maintenance import MaintenanceConfig, MaintenanceMonitor
-from twinflow.merge import ControlBatch, ControlMessage, Merge, RawRun
+from twinflow.merge import Merge, RawRun
 from twinflow.setpoints import Setpoint
 from twinflow.settings import FlowSettings
 from twinflow.state import StatusMachine
@@ -75,102 +77,6 @@ _NEVER = np.iinfo(np.int64).min // 4
 _ALWAYS = np.iinfo(np.int64).max // 4
 MAX_STEP_GAP_MS = 5_000
 """The most one gap between steps adds to live time; sources tick every second."""
-
-
-@dataclass(frozen=True, slots=True)
-class InputMessage:
-    """One Kafka message of ``twin.raw``, with its coordinates."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    value: bytes
-
-    def dead_letter(
-        self, reason: Reason, detail: str, entity_id: str | None = None
-    ) -> deadletter.DeadLetter:
-        """The message as a dead letter, with its Kafka coordinates."""
-        return deadletter.dead_letter(
-            self.value,
-            reason,
-            detail,
-            deadletter.Source(
-                kind="kafka", topic=self.topic, partition=self.partition, offset=self.offset
-            ),
-            # The message's Kafka time, not the clock: a replay rebuilds the same letter.
-            datetime.fromtimestamp(self.timestamp_ms / 1000, UTC),
-            entity_id=entity_id,
-        )
-
-
-class MessageBatch(Sequence[InputMessage]):
-    """Consecutive messages of one partition, column by column.
-
-    The source builds these instead of one object per message (a third of the cost of
-    reading a message); the step reads the columns, and an :class:`InputMessage` is
-    made only for a message that becomes a dead letter.
-    """
-
-    __slots__ = ("offsets", "partition", "timestamps_ms", "topic", "values")
-
-    def __init__(
-        self,
-        topic: str,
-        partition: int,
-        offsets: list[int],
-        timestamps_ms: list[int],
-        values: list[bytes],
-    ) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.offsets = offsets
-        self.timestamps_ms = timestamps_ms
-        self.values = values
-
-    @classmethod
-    def of(cls, messages: Sequence[InputMessage]) -> MessageBatch:
-        """The columns of messages given one by one (all of one partition)."""
-        if isinstance(messages, MessageBatch):
-            return messages
-        first = messages[0] if messages else InputMessage("", 0, 0, 0, b"")
-        return cls(
-            first.topic,
-            first.partition,
-            [m.offset for m in messages],
-            [m.timestamp_ms for m in messages],
-            [m.value for m in messages],
-        )
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    @overload
-    def __getitem__(self, index: int) -> InputMessage: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[InputMessage]: ...
-    def __getitem__(self, index: int | slice) -> InputMessage | Sequence[InputMessage]:
-        if isinstance(index, slice):
-            return MessageBatch(
-                self.topic,
-                self.partition,
-                self.offsets[index],
-                self.timestamps_ms[index],
-                self.values[index],
-            )
-        return InputMessage(
-            self.topic,
-            self.partition,
-            self.offsets[index],
-            self.timestamps_ms[index],
-            self.values[index],
-        )
-
-    def __getstate__(self) -> tuple[str, int, list[int], list[int], list[bytes]]:
-        return self.topic, self.partition, self.offsets, self.timestamps_ms, self.values
-
-    def __setstate__(self, state: tuple[str, int, list[int], list[int], list[bytes]]) -> None:
-        self.topic, self.partition, self.offsets, self.timestamps_ms, self.values = state
 
 
 @dataclass(slots=True)
@@ -225,7 +131,7 @@ class EntityTwin:
     machine: StatusMachine = field(default_factory=StatusMachine)
     sensors: dict[str, SensorState] = field(default_factory=dict)
     counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(Counts.__struct_fields__, 0)
+        default_factory=lambda: dict.fromkeys(COUNTS, 0)
     )
     newest_ms: int = -1
     """Newest accepted reading time."""

@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 
 from benchmarks.workload import WorkloadConfig, sensor_ranges, twin_model
 from connectors.kafka import TopicSpec, client_config, ensure_topics
+from schemas.transport import InputMessage
 from tests.chaos.fuzz import bad_messages, ten_megabytes, wall_ms
 from tests.chaos.harness import PARTITIONS, FlowRun, Workload
 from twinflow.detection import DetectorConfig
 from twinflow.settings import load_settings
-from twinflow.twin import InputMessage, PartitionTwins
+from twinflow.twin import PartitionTwins
 from twinflow.twin_model import load_twin_model
 
 pytestmark = [pytest.mark.chaos]

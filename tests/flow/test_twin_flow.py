@@ -22,13 +22,13 @@ from connectors.kafka import KafkaRecord
 from connectors.questdb import TableBatch
 from flows.twin import build_flow
 from schemas.raw import SchemaError, decode_raw
+from schemas.transport import InputMessage
 from tests.helpers import recompute_windows
 from twinflow.detection import DetectorConfig
 from twinflow.settings import Settings, load_settings
 from twinflow.sim.faults import DegradationPlan, FaultPlan
 from twinflow.sim.messages import DataFaultPlan, MessageEncoder
 from twinflow.sim.scenario import Scenario, ScenarioConfig
-from twinflow.twin import InputMessage
 from twinflow.twin_model import TwinModel, load_twin_model
 
 ROOT = Path(__file__).resolve().parents[2]

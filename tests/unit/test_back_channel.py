@@ -18,10 +18,10 @@ import pytest
 from schemas.control import Command, CommandResult, DeliveryStatus, Feedback, Verdict
 from schemas.outputs import AlarmEvent, SetpointStatus, Status, TwinState
 from schemas.raw import Reason
+from schemas.transport import ControlBatch, ControlMessage, ControlPayload, InputMessage
 from twinflow.detection import DetectorConfig
-from twinflow.merge import ControlBatch, ControlMessage, ControlPayload
 from twinflow.settings import FlowSettings, load_settings
-from twinflow.twin import InputMessage, PartitionTwins, StepOutput
+from twinflow.twin import PartitionTwins, StepOutput
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(

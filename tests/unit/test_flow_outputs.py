@@ -7,6 +7,7 @@ import pandas as pd
 from flows.outputs import deadletter_batches, kafka_records, table_batches
 from schemas.deadletter import Source, dead_letter, encode
 from schemas.outputs import (
+    COUNTS,
     Alarm,
     AlarmEvent,
     AlarmKind,
@@ -16,9 +17,10 @@ from schemas.outputs import (
     TwinState,
 )
 from schemas.raw import Reason
+from schemas.transport import InputMessage
 from twinflow.settings import TopicSettings
 from twinflow.tables import tables
-from twinflow.twin import InputMessage, StepOutput
+from twinflow.twin import StepOutput
 
 
 def test_dead_letters_become_rows_and_strangers_are_kept() -> None:
@@ -111,3 +113,6 @@ def test_twin_state_rows_carry_the_active_alarms_and_their_count() -> None:
         ("pump-001@1000", 1, "ALARM"),
         ("", 1, "OK"),
     ]
+    # Every count the struct declares has its column, windows included.
+    assert {name: rows[0][name] for name in COUNTS} == msgspec.structs.asdict(state.counts)
+    assert "windows" in COUNTS

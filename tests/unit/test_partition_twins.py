@@ -4,9 +4,10 @@ from pathlib import Path
 import msgspec
 
 from schemas.outputs import Status, TwinState
+from schemas.transport import InputMessage
 from twinflow.detection import DetectorConfig
 from twinflow.settings import load_settings
-from twinflow.twin import MAX_STEP_GAP_MS, InputMessage, PartitionTwins
+from twinflow.twin import MAX_STEP_GAP_MS, PartitionTwins
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(

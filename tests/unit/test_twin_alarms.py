@@ -17,15 +17,10 @@ import pytest
 
 from flows.twin import PickledTwins, TwinsCell, restored
 from schemas.outputs import Alarm, AlarmEvent, Status, TwinState
+from schemas.transport import InputMessage
 from twinflow.detection import DetectorConfig
 from twinflow.settings import FlowSettings, load_settings
-from twinflow.twin import (
-    STATE_VERSION,
-    IncompatibleSnapshotError,
-    InputMessage,
-    PartitionTwins,
-    StepOutput,
-)
+from twinflow.twin import STATE_VERSION, IncompatibleSnapshotError, PartitionTwins, StepOutput
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(

@@ -10,11 +10,11 @@ import numpy as np
 from flows.outputs import table_batches
 from schemas.control import Feedback, Verdict
 from schemas.outputs import AlarmEvent, AlarmKind
+from schemas.transport import ControlBatch, ControlMessage, InputMessage
 from twinflow.detection import DetectorConfig
-from twinflow.merge import ControlBatch, ControlMessage
 from twinflow.settings import load_settings
 from twinflow.tables import tables
-from twinflow.twin import InputMessage, PartitionTwins, StepOutput
+from twinflow.twin import PartitionTwins, StepOutput
 from twinflow.twin_model import load_twin_model
 
 MODEL = load_twin_model(
