@@ -1,11 +1,12 @@
 """A Bytewax source of the back channel: operator verdicts, commands and their results.
 
-``twin.feedback`` and ``twin.commands`` have one partition each and little traffic. One
-part reads both and hands every batch to every raw partition's twins (each applies what
-concerns the machines it holds), with the progress :mod:`twinflow.merge` orders them by:
+``twin.feedback`` and ``twin.commands`` have one partition each and little traffic. Every
+raw partition's twins read a copy of this source's one part (``flows.partition``), which
+reads both topics and keys each batch by raw partition (each twins apply what concerns
+the machines they hold), with the progress :mod:`twinflow.merge` orders them by:
 the newest broker timestamp read, or, once the broker confirms both partitions hold
 nothing more, the wall clock less a margin (``flow.back_channel_margin_s``). Its resume
-state is the next offset of each topic, snapshotted with the steps' states.
+state is the next offset of each topic, snapshotted with each raw partition's twins.
 
 A message that does not decode becomes a dead letter, on one partition's copy only.
 """
@@ -20,7 +21,12 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import client_config
-from connectors.kafka_source import KafkaSourceError, flow_consumer, partition_key
+from connectors.kafka_source import (
+    KafkaSourceError,
+    flow_consumer,
+    partition_key,
+    watermarks_client,
+)
 from schemas import control, deadletter
 from schemas.raw import Reason
 from schemas.transport import ControlBatch, ControlMessage, ControlPayload
@@ -85,9 +91,8 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
     def __init__(self, source: BackChannelSource, raw_keys: list[str], offsets: Offsets) -> None:
         self._source = source
         self._raw_keys = raw_keys
-        # The watermark queries that tell "caught up" wait behind an empty fetch's long
-        # poll on the same connection; keep that poll short.
-        self._consumer = flow_consumer(source.kafka, **{"fetch.wait.max.ms": 50})
+        self._consumer = flow_consumer(source.kafka)
+        self._marks = watermarks_client(source.kafka)
         self._consumer.assign(
             [
                 TopicPartition(topic, 0, offsets.get(topic, OFFSET_BEGINNING))
@@ -147,7 +152,7 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
         now_ms = time.time_ns() // 1_000_000 - self._source.margin_ms
         for topic in self._source.topics:
             try:
-                marks = self._consumer.get_watermark_offsets(
+                marks = self._marks.get_watermark_offsets(
                     TopicPartition(topic, 0), timeout=_WATERMARK_TIMEOUT_S, cached=False
                 )
             except KafkaException:
@@ -169,6 +174,7 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
 
     def close(self) -> None:
         self._consumer.close()
+        self._marks.close()
 
 
 def _dead_letter(

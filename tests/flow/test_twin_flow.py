@@ -8,15 +8,16 @@ import zlib
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import msgspec
 import numpy as np
 import pandas as pd
 import pytest
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import AbortExecution, TestingSink, TestingSource, cluster_main, run_main
 
 from connectors.kafka import KafkaRecord
 from connectors.questdb import TableBatch
@@ -34,6 +35,7 @@ from twinflow.twin_model import TwinModel, load_twin_model
 ROOT = Path(__file__).resolve().parents[2]
 START_MS = 1_790_000_000_000
 PARTITIONS = 2
+T = TypeVar("T")
 BATCH = 150
 
 
@@ -107,6 +109,44 @@ def _batches(
     return items
 
 
+class PartitionedSource(FixedPartitionedSource[tuple[str, T], int]):
+    """Keyed items as Kafka holds them: one part per key, each read in order.
+
+    ``abort_at`` (key, position) aborts the run there once, as a crash would; the next
+    run resumes from the last snapshot.
+    """
+
+    def __init__(self, items: list[tuple[str, T]], abort_at: tuple[str, int] | None = None) -> None:
+        self.parts: dict[str, list[tuple[str, T]]] = {}
+        for key, value in items:
+            self.parts.setdefault(key, []).append((key, value))
+        self.abort_at = abort_at
+
+    def list_parts(self) -> list[str]:
+        return sorted(self.parts)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Part[T]:
+        return _Part(self, for_part, resume_state or 0)
+
+
+class _Part(StatefulSourcePartition[tuple[str, T], int]):
+    def __init__(self, source: PartitionedSource[T], key: str, position: int) -> None:
+        self._source, self._key, self._position = source, key, position
+
+    def next_batch(self) -> list[tuple[str, T]]:
+        items = self._source.parts[self._key]
+        if self._position >= len(items):
+            raise StopIteration
+        if self._source.abort_at == (self._key, self._position):
+            self._source.abort_at = None
+            raise AbortExecution()
+        self._position += 1
+        return [items[self._position - 1]]
+
+    def snapshot(self) -> int:
+        return self._position
+
+
 def _run(
     settings: Settings,
     model: TwinModel,
@@ -120,7 +160,7 @@ def _run(
     flow = build_flow(
         settings,
         model,
-        raw_source=TestingSource(_batches(raw_input, batch)),
+        raw_source=PartitionedSource(_batches(raw_input, batch)),
         deadletter_source=TestingSource([]),
         questdb_sink=TestingSink(rows),
         kafka_sink=TestingSink(records),
@@ -289,16 +329,17 @@ def test_a_run_killed_and_resumed_from_its_snapshots_gives_the_same_results(
     one_worker: tuple[list[TableBatch], list[KafkaRecord]],
     tmp_path: Path,
 ) -> None:
-    # Every batch is an epoch, so the twins are snapshotted (pickled) after each, and the
-    # resumed run reads them back from Bytewax's recovery store.
-    items: list[Any] = _batches(raw_input, BATCH)
-    items.insert(len(items) // 2, TestingSource.ABORT())
+    # Every batch is an epoch, so each partition's offset and twins are snapshotted after
+    # each, and the resumed run reads them back from Bytewax's recovery store.
+    batches = _batches(raw_input, BATCH)
+    key = batches[0][0]
+    middle = sum(1 for k, _ in batches if k == key) // 2
     rows: list[TableBatch] = []
     records: list[KafkaRecord] = []
     flow = build_flow(
         settings,
         model,
-        raw_source=TestingSource(items),
+        raw_source=PartitionedSource(batches, abort_at=(key, middle)),
         deadletter_source=TestingSource([]),
         questdb_sink=TestingSink(rows),
         kafka_sink=TestingSink(records),

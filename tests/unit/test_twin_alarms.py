@@ -8,14 +8,13 @@ cleared after three normal windows, at the end of window 87.
 
 from __future__ import annotations
 
-import copy
 import pickle
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from flows.twin import PickledTwins, TwinsCell, restored
+from flows.partition import PickledTwins, restored
 from schemas.outputs import Alarm, AlarmEvent, Status, TwinState
 from schemas.transport import InputMessage
 from twinflow.detection import DetectorConfig
@@ -171,8 +170,7 @@ def test_a_snapshot_of_another_state_layout_is_refused_with_the_fix() -> None:
 
 def test_a_pickled_snapshot_resumes_the_same_twins_or_is_refused_with_the_fix() -> None:
     twins, _out = _run(len(MESSAGES), MESSAGES[:700])
-    snapshot = copy.deepcopy(TwinsCell(twins))
-    assert isinstance(snapshot, PickledTwins)
+    snapshot = PickledTwins(pickle.dumps(twins))
     resumed = restored(snapshot).step(MESSAGES[700:], WALL_MS)
     original = twins.step(MESSAGES[700:], WALL_MS)
     assert resumed.alarms and resumed.alarms == original.alarms
