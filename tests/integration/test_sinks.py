@@ -20,6 +20,7 @@ from connectors.kafka import KafkaRecord, TopicSpec, client_config, ensure_topic
 from connectors.kafka_sink import KafkaOutputSink, KafkaSinkError
 from connectors.questdb import QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkError, table_frame
+from schemas.outputs import COUNTS
 from tests.helpers import cause_of, consume_all, free_ports, wait_for_wal
 from twinflow.settings import Settings
 from twinflow.tables import ANOMALIES, READINGS, TWIN_STATE
@@ -87,15 +88,7 @@ def _twin_state(spec: TableSpec, count: int) -> TableBatch:
         "anomaly_score": i / 10,
         "threshold": np.full(count, 0.9),
     }
-    for name in (
-        "readings",
-        "flagged",
-        "duplicates",
-        "late",
-        "dead_letters",
-        "anomalies",
-        "alarms",
-    ):
+    for name in COUNTS:
         columns[name] = i
     columns["active_alarms"] = [f"pump-{k % 5}@{k}" if k % 3 == 0 else "" for k in i]
     near = i % 4 == 0  # a quarter of the machines head for a limit
