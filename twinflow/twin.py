@@ -130,9 +130,7 @@ class EntityTwin:
     """Series code of each sensor of its asset type."""
     machine: StatusMachine = field(default_factory=StatusMachine)
     sensors: dict[str, SensorState] = field(default_factory=dict)
-    counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(COUNTS, 0)
-    )
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     newest_ms: int = -1
     """Newest accepted reading time."""
     closed_until_ms: int = _NEVER

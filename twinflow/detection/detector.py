@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from schemas.outputs import Anomaly, Contribution, SensorWindow
 from twinflow.detection.alarms import AlarmPolicy
-from twinflow.detection.features import feature_vector, split_feature
-from twinflow.detection.seasonal import DEFAULT_PERIODS, Index, Period, Seasonality
+from twinflow.detection.features import split_feature, window_features
+from twinflow.detection.seasonal import DEFAULT_PERIODS, Floats, Index, Ints, Period, Seasonality
 from twinflow.detection.smoothing import Smoother
 from twinflow.detection.thresholds import DecisionRule
 from twinflow.detection.zscores import ZScores
@@ -152,6 +153,11 @@ standard deviation in a window."""
 _GIVE_UP = 0.001
 """Settled however much it still moves: the level itself keeps changing."""
 _ALL = slice(None)
+_CACHED = 64
+"""Feature sets a detector keeps the columns of before it starts over."""
+
+Counts = tuple[int, ...]
+"""The readings behind each feature of a window."""
 
 
 @dataclass(frozen=True)
@@ -245,19 +251,37 @@ class EntityDetector:
         """Per column, the share of its slowest scale that still remembers the time before
         the latest re-baseline (None: settled)."""
         self._settling_regime = 0
+        self._forget()
+
+    def _forget(self) -> None:
+        """Start the cache (never pickled: it follows from the state) afresh."""
+        self._subsets: dict[tuple[str, ...], Ints] = {}
+        """Columns of the feature sets seen that are not all features in column order
+        (a sensor missing from a window). A column never moves, so they stay valid."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_subsets", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._forget()
+        for part in (self._seasonality, self._smoother, self._scores):
+            if part is not None:
+                part.restore()
 
     @property
     def threshold(self) -> float | None:
         """The threshold in effect (None until the warm-up is over)."""
         return None if self._rule is None else self._rule.threshold
 
-    def process_window(self, windows: Mapping[str, SensorWindow], ts_ms: int = 0) -> Detection:
+    def process_window(
+        self, windows: Mapping[str, SensorWindow], ts_ms: int = 0, *, learn: bool = True
+    ) -> Detection:
         """:meth:`process` one closed window of the entity: the flow's and replay's way in."""
-        return self.process(
-            feature_vector(windows),
-            {sensor: w.count for sensor, w in windows.items()},
-            ts_ms,
-        )
+        names, values, counts = window_features(windows)
+        return self._process(names, np.array(values, dtype=np.float64), tuple(counts), ts_ms, learn)
 
     def process(
         self,
@@ -276,19 +300,27 @@ class EntityDetector:
         count towards the warm-up or persistence. ``learn`` false: score only (a window of
         a confirmed fault).
         """
+        names = list(x)
+        values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
+        return self._process(names, values, self._counts(names, readings), ts_ms, learn)
+
+    def _process(
+        self, names: list[str], values: Floats, counts: Counts | None, ts_ms: int, learn: bool
+    ) -> Detection:
         config = self.config
-        if self._rule is None:
-            self._rule = config.make_rule()
-        if not x:
-            return Detection(0.0, self._rule.threshold, False, self._rule.warming_up, scored=False)
-        columns, names, smoothed, cycle = self._smoothed(x, readings, ts_ms, learn=learn)
+        rule = self._rule
+        if rule is None:
+            rule = self._rule = config.make_rule()
+        if not names:
+            return Detection(0.0, rule.threshold, False, rule.warming_up, scored=False)
+        columns, smoothed, cycle = self._smoothed(names, values, counts, ts_ms, learn=learn)
         scores = self._parts()[2]
         if self._settling is not None:
-            self._settle(columns, names, smoothed, readings)
+            self._settle(columns, names, smoothed, counts)
         self.windows += 1
-        z, std, regime = scores.z(columns, smoothed, self.windows)
-        score = float(np.abs(z).max())
-        decision = self._rule.decide(score)
+        z, size, std, regime = scores.judge(columns, smoothed, self.windows)
+        score = float(size.max())
+        decision = rule.decide(score)
         contributions = (
             self._explain(names, columns, smoothed, z, std, regime, cycle)
             if decision.is_anomaly
@@ -298,7 +330,7 @@ class EntityDetector:
             scores.learn(columns, smoothed, regime)
         elif learn:
             scores.learn(
-                columns, smoothed, regime, gate=config.learn_gate, z=z, std=std, robust=True
+                columns, smoothed, regime, gate=config.learn_gate, size=size, std=std, robust=True
             )
         return Detection(
             score=score,
@@ -343,7 +375,7 @@ class EntityDetector:
         columns: Index,
         names: list[str],
         smoothed: np.ndarray,
-        readings: Mapping[str, int] | None,
+        readings: Counts | None,
     ) -> None:
         """Move the re-baselined operating point along with features still settling."""
         settling = self._settling
@@ -363,7 +395,7 @@ class EntityDetector:
         )
         if following.any():
             scores.set_levels(self._settling_regime, index[following], values[following])
-        counts = self._counts(names, readings)
+        counts = None if readings is None else np.array(readings, dtype=np.int64)
         per_window = 1.0 if counts is None else np.maximum(counts[known], 1)
         decay = (1.0 - min(self.config.smoothing)) ** per_window
         settling[index] = np.where(following, remaining * decay, 0.0)
@@ -381,30 +413,36 @@ class EntityDetector:
         """Learn the window ``x`` as normal whatever it scores (an operator said so)."""
         if not x:
             return
-        columns, _names, smoothed, _cycle = self._smoothed(x, readings, ts_ms)
+        names = list(x)
+        values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
+        columns, smoothed, _cycle = self._smoothed(
+            names, values, self._counts(names, readings), ts_ms
+        )
         scores = self._parts()[2]
         _, _, regime = scores.z(columns, smoothed, self.windows)
         scores.learn(columns, smoothed, regime)
 
     def _smoothed(
         self,
-        x: Mapping[str, float],
-        readings: Mapping[str, int] | None,
+        names: list[str],
+        values: Floats,
+        counts: Counts | None,
         ts_ms: int,
         *,
         learn: bool = True,
-    ) -> tuple[Index, list[str], np.ndarray, np.ndarray]:
-        """``x`` with its cycles removed and smoothed: columns, names, values, cycles.
+    ) -> tuple[Index, Floats, Floats]:
+        """The features ``names`` with their cycles removed and smoothed.
 
-        The values are features by scales; the cycles, what was removed from each feature.
+        Returns their columns, the values (features by scales) and the cycles (what was
+        removed from each feature).
         """
         seasonality, smoother, scores = self._parts()
-        columns, names = self._columns(x)
-        values = np.fromiter(x.values(), dtype=np.float64, count=len(x))
+        columns = self._columns(names)
         plain, cycle = seasonality.apply(columns, values, ts_ms, learn=learn)
         if len(seasonality.changed):
             scores.relearn(seasonality.changed)
-        return columns, names, smoother.update(columns, plain, self._counts(names, readings)), cycle
+        step = smoother.steps(None) if counts is None else smoother.steps_for(counts)
+        return columns, smoother.fold(columns, plain, step), cycle
 
     def _parts(self) -> tuple[Seasonality, Smoother, ZScores]:
         config = self.config
@@ -425,11 +463,14 @@ class EntityDetector:
             )
         return self._seasonality, self._smoother, self._scores
 
-    def _columns(self, x: Mapping[str, float]) -> tuple[Index, list[str]]:
-        """Where ``x``'s features live (see :data:`~.seasonal.Index`), and their names."""
-        names = list(x)
+    def _columns(self, names: list[str]) -> Index:
+        """Where the features ``names`` live (see :data:`~.seasonal.Index`)."""
         if names == self._names:
-            return _ALL, names
+            return _ALL
+        key = tuple(names)
+        cached = self._subsets.get(key)
+        if cached is not None:
+            return cached
         columns = self.columns
         new = [name for name in names if name not in columns]
         if new:
@@ -444,10 +485,15 @@ class EntityDetector:
             smoother.grow(features)
             scores.grow(np.asarray(level_of, dtype=np.int64))
             if names == self._names:
-                return _ALL, names
-        return np.fromiter((columns[name] for name in names), np.int64, len(names)), names
+                return _ALL
+        index = np.fromiter((columns[name] for name in names), np.int64, len(names))
+        if len(self._subsets) >= _CACHED:
+            self._subsets.clear()
+        index.flags.writeable = False
+        self._subsets[key] = index
+        return index
 
-    def _counts(self, names: list[str], readings: Mapping[str, int] | None) -> np.ndarray | None:
+    def _counts(self, names: list[str], readings: Mapping[str, int] | None) -> Counts | None:
         """Readings behind each feature of the window (None: one each)."""
         if not readings:
             return None
@@ -456,7 +502,8 @@ class EntityDetector:
             if names is self._names or names == self._names
             else [split_feature(name)[0] for name in names]
         )
-        return np.fromiter((readings.get(sensor, 1) for sensor in sensors), np.int64, len(names))
+        counts = np.fromiter((readings.get(sensor, 1) for sensor in sensors), np.int64, len(names))
+        return tuple(counts.tolist())
 
     def _explain(
         self,

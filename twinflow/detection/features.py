@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 
 from schemas.outputs import SensorWindow
 
@@ -64,20 +65,78 @@ def feature_vector(
     ...                 "bearing_temp": window("bearing_temp", 1, 51.0, 0.0)})
     {'bearing_temp.mean': 51.0, 'flow.mean': 180.0, 'flow.std': 2.5}
     """
-    wanted = tuple(features)
+    names, values, _ = window_features(windows, features)
+    return dict(zip(names, values, strict=True))
+
+
+def window_features(
+    windows: Mapping[str, SensorWindow], features: Iterable[str] = FEATURES
+) -> tuple[list[str], list[float], list[int]]:
+    """:func:`feature_vector` as its names and values, with the readings behind each.
+
+    The readings of a feature are its sensor's window count (1 when its name's sensor,
+    as :func:`split_feature` reads it, has no window).
+
+    >>> from schemas.outputs import SensorWindow
+    >>> window_features({"flow": SensorWindow("pump-001", "flow", 0, 10_000, 10, 180.0,
+    ...                                       178.0, 182.0, 2.5, 180.0, 0.0, 0)})
+    (['flow.mean', 'flow.std'], [180.0, 2.5], [10, 10])
+    """
+    if features is FEATURES:
+        wanted = FEATURES
+        columns = _DEFAULT_COLUMNS
+    else:
+        wanted = _checked(tuple(features))
+        columns = {}
+    names: list[str] = []
+    values: list[float] = []
+    counts: list[int] = []
+    for sensor in sorted(windows):
+        window = windows[sensor]
+        count = window.count
+        of_sensor = columns.get(sensor)
+        if of_sensor is None:
+            of_sensor = _columns(sensor, wanted)
+            if wanted is FEATURES and len(_DEFAULT_COLUMNS) < _KEPT:
+                _DEFAULT_COLUMNS[sensor] = of_sensor
+        for attribute, name, owner, needs_two in of_sensor:
+            if needs_two and count < 2:
+                continue
+            value = float(getattr(window, attribute))
+            if math.isfinite(value):
+                names.append(name)
+                values.append(value)
+                if owner == sensor:
+                    counts.append(count)
+                else:
+                    counts.append(windows[owner].count if owner in windows else 1)
+    return names, values, counts
+
+
+def _checked(wanted: tuple[str, ...]) -> tuple[str, ...]:
     unknown = set(wanted) - set(WINDOW_FEATURES)
     if unknown:
         raise ValueError(f"unknown window features {sorted(unknown)}; known: {WINDOW_FEATURES}")
-    vector: dict[str, float] = {}
-    for sensor in sorted(windows):
-        window = windows[sensor]
-        for name in wanted:
-            if name in _NEEDS_TWO and window.count < 2:
-                continue
-            value = float(getattr(window, name))
-            if math.isfinite(value):
-                vector[f"{sensor}.{name}"] = value
-    return vector
+    return tuple(dict.fromkeys(wanted))
+
+
+Column = tuple[str, str, str, bool]
+_KEPT = 4096
+_DEFAULT_COLUMNS: dict[str, tuple[Column, ...]] = {}
+""":func:`_columns` of each sensor seen, for the default features."""
+
+
+@lru_cache(maxsize=_KEPT)
+def _columns(sensor: str, wanted: tuple[str, ...]) -> tuple[Column, ...]:
+    """Per wanted feature of a sensor: attribute, name, sensor by name, needs two readings.
+
+    Cached: the names are built once, and the same strings every window make comparing
+    a window's names with the last one's cheap.
+    """
+    return tuple(
+        (name, f"{sensor}.{name}", split_feature(f"{sensor}.{name}")[0], name in _NEEDS_TWO)
+        for name in wanted
+    )
 
 
 def split_feature(name: str) -> tuple[str, str]:

@@ -9,7 +9,6 @@ from schemas import control
 from schemas.outputs import Alarm, AlarmEvent, SensorWindow
 from twinflow.detection.alarms import AlarmTracker
 from twinflow.detection.detector import Detection, DetectorConfig, EntityDetector
-from twinflow.detection.features import feature_vector
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +52,7 @@ class EntityMonitor:
         self, windows: Mapping[str, SensorWindow], start_ms: int, end_ms: int
     ) -> Verdict:
         """Judge one closed window of the entity (its sensors' features)."""
-        detection = self.detector.process(
-            feature_vector(windows),
-            {sensor: w.count for sensor, w in windows.items()},
-            start_ms,
-            learn=not self.alarms.confirmed,
-        )
+        detection = self.detector.process_window(windows, start_ms, learn=not self.alarms.confirmed)
         return self._judge(detection, start_ms, end_ms)
 
     def process(
@@ -101,6 +95,6 @@ class EntityMonitor:
             start_ms,
             end_ms,
         )
-        if any(alarm.event is AlarmEvent.REBASELINED for alarm in alarms):
+        if alarms and any(alarm.event is AlarmEvent.REBASELINED for alarm in alarms):
             self.detector.rebaseline()
         return Verdict(detection, alarms)

@@ -21,13 +21,20 @@ memory would; with the profile learned sample by sample, NAB's machine temperatu
 CPU series, which have no cycle, looked 90 % explained). A feature without a cycle, or
 with too little history (the first two days, the first two weeks), is scored as it is.
 
-State per feature: one float32 and one int16 per bin of every period (216 bins by
-default), and a few floats per period.
+State per feature: one float32 and one byte (visits, counted as far as they matter) per
+bin of every period (216 bins by default), allocated once the first bin is left, and a
+few floats per period.
+
+Per window the hot path stays small: what the current bins say (their profiles and
+visits, the cycle removed) only changes when the clock enters a new bin, so it is read
+once per bin (:class:`_Bins`), not per window.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +49,7 @@ DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
 _ERROR_MEMORY = 5000
 """Windows over which the forecast errors are averaged once that many were seen."""
+_BYTE = int(np.iinfo(np.uint8).max)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,91 @@ class Period:
 
 DEFAULT_PERIODS = (Period(DAY_MS, 48), Period(WEEK_MS, 168))
 """A day in half-hour bins and a week in hourly bins."""
+
+ArrayT = TypeVar("ArrayT", bound=np.ndarray)
+
+
+def widened(array: ArrayT, extra: int, *, axis: int, fill: int = 0) -> ArrayT:
+    """``array`` with ``extra`` more entries along ``axis``, all ``fill``, of its dtype.
+
+    >>> widened(np.zeros((2, 0)), 3, axis=1).shape
+    (2, 3)
+    """
+    shape = list(array.shape)
+    shape[axis] = extra
+    more = np.zeros(shape, dtype=array.dtype) if fill == 0 else np.full(shape, fill, array.dtype)
+    # A new entity's first window grows every array from nothing: no copy needed.
+    grown = more if array.shape[axis] == 0 else np.concatenate([array, more], axis=axis)
+    return cast(ArrayT, grown)
+
+
+def _no_bins() -> None:
+    """What a pickled :class:`_Bins` loads as: nothing (it is derived again when needed)."""
+    return None
+
+
+class _Bins:
+    """What the bins the clock is in say about every feature (periods by features).
+
+    Profiles and visits change only when the clock leaves a bin (:meth:`Seasonality._fold`)
+    and which period a feature uses only when it enters one, so this holds from one
+    bin change (or :meth:`Seasonality.grow`) to the next. Its arrays are read-only: the
+    removed cycle is handed out as it is. The flags are facts that, once true, stay true
+    until the next bin: levels and error counts only grow.
+    """
+
+    __slots__ = (
+        "all_known",
+        "any_known",
+        "any_usable",
+        "forecast",
+        "full",
+        "known",
+        "removed",
+        "steady",
+        "usable",
+    )
+
+    def __init__(self, season: Seasonality) -> None:
+        if season.visited:
+            visits = season.visits[:, season.current].T
+            self.forecast: Floats = season.profile[:, season.current].T.astype(np.float64)
+            """Each period's profile; exactly 0 where it never had a visit."""
+            self.known = visits > 0
+            self.usable = visits >= season.min_visits
+            self.any_known = bool(self.known.any())
+            self.all_known = bool(self.known.all())
+            self.any_usable = bool(self.usable.any())
+        else:  # no bin was ever left: nothing is known anywhere
+            self.forecast = np.zeros((len(season.periods), len(season.level_n)))
+            self.known = self.usable = np.zeros(self.forecast.shape, dtype=bool)
+            self.any_known = self.any_usable = False
+            self.all_known = not self.known.size
+        self.steady = bool((season.level_n >= 2).all())
+        """Every feature's levels can forecast (then only ``known`` says where to score)."""
+        self.full = self.steady and self.all_known and bool((season.errors >= _ERROR_MEMORY).all())
+        """Every forecast error is averaged with the weight of ``_ERROR_MEMORY`` windows."""
+        self.removed: Floats = np.zeros(0)
+        self.choose(season.selected, season.in_use)
+        self.forecast.flags.writeable = False
+        self.known.flags.writeable = False
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _no_bins, ()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> None:
+        return None
+
+    def choose(self, selected: Ints, in_use: bool) -> None:
+        """Take the periods the features use now: what is removed from each."""
+        if in_use:
+            removed = np.where(
+                selected >= 0, self.forecast[selected, np.arange(len(selected))], 0.0
+            )
+        else:
+            removed = np.zeros(len(selected))
+        removed.flags.writeable = False
+        self.removed = removed
 
 
 class Seasonality:
@@ -83,6 +176,8 @@ class Seasonality:
     """
 
     __slots__ = (
+        "_bins",
+        "_shortest",
         "acc",
         "acc_n",
         "changed",
@@ -124,7 +219,8 @@ class Seasonality:
         self.offsets = [sum(p.bins for p in self.periods[:k]) for k in range(count)]
         total_bins = sum(p.bins for p in self.periods)
         self.profile = np.zeros((0, total_bins), dtype=np.float32)
-        self.visits = np.zeros((0, total_bins), dtype=np.int16)
+        self.visits = np.zeros((0, total_bins), dtype=self._visits_dtype())
+        """Visits per feature and bin; no rows (and no profiles) until a bin was left."""
         self.level = np.zeros((count, 0))
         self.level_n = np.zeros(0, dtype=np.int64)
         self.acc = np.zeros((count, 0))
@@ -142,6 +238,35 @@ class Seasonality:
         """Features whose period changed in the last :meth:`apply`."""
         self.in_use = False
         """Whether any feature uses a period."""
+        self._bins: _Bins | None = None
+        """What the current bins say (pickles as None, and is derived again)."""
+        self._derive()
+
+    def _derive(self) -> None:
+        """Set what follows from the state (and pickles cheaply, or not at all)."""
+        self._bins = None
+        self._shortest = min((p.length_ms for p in self.periods), default=0)
+
+    def restore(self) -> None:
+        """Derive what a snapshot of an older layout did not hold (only the state).
+
+        Its profiles were allocated from the start, which works as it is; its int16
+        visits become bytes where those count far enough.
+        """
+        if not hasattr(self, "_shortest"):
+            self._derive()
+            dtype = self._visits_dtype()
+            if self.visits.dtype != dtype:
+                self.visits = np.minimum(self.visits, np.iinfo(dtype).max).astype(dtype)
+
+    def _visits_dtype(self) -> type[np.integer[Any]]:
+        """The dtype of the visits: a byte where it is enough.
+
+        Visits past both ``min_visits`` and the memory change nothing (the bin is usable
+        and learns with weight 1/memory), so they are counted up to the dtype's largest.
+        """
+        small = self.min_visits <= _BYTE and self.memory <= _BYTE + 1
+        return np.uint8 if small else np.int16
 
     def apply(
         self, columns: Index, values: Floats, ts_ms: int, *, learn: bool = True
@@ -158,47 +283,62 @@ class Seasonality:
             return values, np.zeros(len(values))
         if self.first_ms is None:
             self.first_ms = ts_ms
-        bins = [
-            offset + p.bin_of(ts_ms) for offset, p in zip(self.offsets, self.periods, strict=True)
-        ]
+        current = self.current
         entered = False
-        for k, b in enumerate(bins):
-            if b != self.current[k]:
+        for k, (offset, period) in enumerate(zip(self.offsets, self.periods, strict=True)):
+            length = period.length_ms  # Period.bin_of, inlined
+            b = offset + int(ts_ms % length * period.bins // length)
+            if b != current[k]:
                 self._fold(k)
-                self.current[k] = b
+                current[k] = b
                 entered = True
-        visits = self.visits[columns][:, bins].T  # periods x features
-        forecast = self.profile[columns][:, bins].T.astype(np.float64)  # 0 where never seen
-        level = self.level[:, columns]
-        self._score(columns, values, level, forecast, visits > 0)
-        if entered:
-            self._choose(columns, visits >= self.min_visits)
-        if self.in_use:
-            chosen = self.selected[columns]
-            removed = np.where(chosen >= 0, forecast[chosen, np.arange(len(values))], 0.0)
+        bins = self._bins
+        if bins is None or entered:
+            bins = self._bins = _Bins(self)
+        everything = isinstance(columns, slice)
+        if everything:
+            forecast, removed = bins.forecast, bins.removed
         else:
-            removed = np.zeros(len(values))
+            forecast, removed = bins.forecast[:, columns], bins.removed[columns]
+        level = self.level[:, columns]
+        deviation = values - level
+        if bins.any_known:
+            known = bins.known if everything else bins.known[:, columns]
+            self._score(columns, deviation, forecast, known, bins)
+        # Without a usable bin no feature can take a period up (and none has one to drop).
+        if entered and (self.in_use or bins.any_usable):
+            self._choose(columns, bins.usable[:, columns])
+            bins.choose(self.selected, self.in_use)
+            removed = bins.removed if everything else bins.removed[columns]
         if learn:
-            self._learn(columns, values, level, forecast, ts_ms)
-        return values - removed, removed
+            self._learn(
+                columns, values, level, deviation, forecast if bins.any_known else None, ts_ms
+            )
+        # Nothing removed: the values as they came (the common case until a cycle is used).
+        return (values - removed if self.in_use else values), removed
+
+    @property
+    def visited(self) -> bool:
+        """Whether any bin was left with a feature's values (the profiles exist)."""
+        return len(self.visits) > 0
 
     def grow(self, features: int) -> None:
         """Make room for ``features`` features."""
         extra = features - len(self.level_n)
         if extra <= 0:
             return
-        count = len(self.periods)
-        total_bins = self.profile.shape[1]
-        self.profile = np.vstack([self.profile, np.zeros((extra, total_bins), np.float32)])
-        self.visits = np.vstack([self.visits, np.zeros((extra, total_bins), np.int16)])
-        self.level = np.hstack([self.level, np.zeros((count, extra))])
-        self.acc = np.hstack([self.acc, np.zeros((count, extra))])
-        self.acc_n = np.hstack([self.acc_n, np.zeros((count, extra), np.int64)])
-        self.err_profile = np.hstack([self.err_profile, np.zeros((count, extra))])
-        self.err_level = np.hstack([self.err_level, np.zeros((count, extra))])
-        self.errors = np.hstack([self.errors, np.zeros((count, extra), np.int64)])
-        self.level_n = np.append(self.level_n, np.zeros(extra, np.int64))
-        self.selected = np.append(self.selected, np.full(extra, -1, np.int64))
+        if self.visited:
+            self.profile = widened(self.profile, extra, axis=0)
+            self.visits = widened(self.visits, extra, axis=0)
+        self.level = widened(self.level, extra, axis=1)
+        self.acc = widened(self.acc, extra, axis=1)
+        self.acc_n = widened(self.acc_n, extra, axis=1)
+        self.err_profile = widened(self.err_profile, extra, axis=1)
+        self.err_level = widened(self.err_level, extra, axis=1)
+        self.errors = widened(self.errors, extra, axis=1)
+        self.level_n = widened(self.level_n, extra, axis=0)
+        self.selected = widened(self.selected, extra, axis=0, fill=-1)
+        self._bins = None
 
     def _fold(self, k: int) -> None:
         """Learn period ``k``'s visit of the bin the clock just left."""
@@ -208,8 +348,12 @@ class Seasonality:
         visited = np.flatnonzero(self.acc_n[k])
         if not len(visited):
             return
+        if not self.visited:
+            shape = (len(self.level_n), self.profile.shape[1])
+            self.profile = np.zeros(shape, dtype=self.profile.dtype)
+            self.visits = np.zeros(shape, dtype=self.visits.dtype)
         visits = self.visits[visited, b].astype(np.int64) + 1
-        self.visits[visited, b] = np.minimum(visits, np.iinfo(np.int16).max)
+        self.visits[visited, b] = np.minimum(visits, np.iinfo(self.visits.dtype).max)
         weight = np.maximum(1.0 / visits, 1.0 / self.memory)
         mean = self.acc[k, visited] / self.acc_n[k, visited]
         profile = self.profile[visited, b]
@@ -220,28 +364,49 @@ class Seasonality:
     def _score(
         self,
         columns: Index,
-        values: Floats,
-        level: Floats,
+        deviation: Floats,
         forecast: Floats,
         known: npt.NDArray[np.bool_],
+        bins: _Bins,
     ) -> None:
-        """Learn how well each period's level alone, and with its profile, forecast ``values``.
+        """Learn how well each period's level alone, and with its profile, forecast the values.
 
-        Each period is judged where its profile has a forecast for the bin, both of its
-        forecasts on the same windows.
+        ``deviation``: the values less each period's level. Each period is judged where
+        its profile has a forecast for the bin (``known``), both of its forecasts on the
+        same windows.
         """
-        scoring = known & (self.level_n[columns] >= 2)
-        if not scoring.any():
+        everything = isinstance(columns, slice)
+        scoring = known if bins.steady else known & (self.level_n[columns] >= 2)
+        if not (bins.all_known and bins.steady) and not scoring.any():
             return
-        errors = self.errors[:, columns] + scoring
-        self.errors[:, columns] = errors
-        weight = scoring * np.maximum(1.0 / np.maximum(errors, 1), 1.0 / _ERROR_MEMORY)
-        level_error = values - level
-        profile_error = level_error - forecast
-        current = self.err_level[:, columns]
-        self.err_level[:, columns] = current + weight * (level_error * level_error - current)
-        current = self.err_profile[:, columns]
-        self.err_profile[:, columns] = current + weight * (profile_error * profile_error - current)
+        if everything:
+            errors = self.errors
+            errors += scoring
+        else:
+            errors = self.errors[:, columns] + scoring
+            self.errors[:, columns] = errors
+        # The weight is scoring · max(1 / max(errors, 1), 1 / _ERROR_MEMORY); the bin's
+        # flags say where parts of it are known to be 1 or the memory's weight.
+        weight: Floats | float
+        if bins.full:
+            weight = 1.0 / _ERROR_MEMORY
+        elif bins.all_known and bins.steady:
+            weight = np.maximum(1.0 / errors, 1.0 / _ERROR_MEMORY)
+        else:
+            weight = cast(
+                Floats, scoring * np.maximum(1.0 / np.maximum(errors, 1), 1.0 / _ERROR_MEMORY)
+            )
+        profile_error = deviation - forecast
+        for averages, error in ((self.err_level, deviation), (self.err_profile, profile_error)):
+            current = averages[:, columns]
+            # current + weight * (error² - current), one operation at a time in place.
+            change = error * error
+            change -= current
+            change *= weight
+            if everything:
+                current += change
+            else:
+                averages[:, columns] = current + change
 
     def _choose(self, columns: Index, usable: npt.NDArray[np.bool_]) -> None:
         error = np.where(usable, self.err_profile[:, columns], np.inf)
@@ -261,15 +426,45 @@ class Seasonality:
         self.in_use = bool((self.selected >= 0).any())
 
     def _learn(
-        self, columns: Index, values: Floats, level: Floats, forecast: Floats, ts_ms: int
+        self,
+        columns: Index,
+        values: Floats,
+        level: Floats,
+        deviation: Floats,
+        forecast: Floats | None,
+        ts_ms: int,
     ) -> None:
-        self.acc[:, columns] += values - level
-        self.acc_n[:, columns] += 1
-        n = self.level_n[columns] + 1
-        self.level_n[columns] = n
+        """Learn the values.
+
+        ``deviation``: the values less the levels (used up); ``forecast``: the profiles,
+        None where all are 0.
+        """
+        everything = isinstance(columns, slice)
+        if everything:
+            self.acc += deviation
+            self.acc_n += 1
+            n = self.level_n
+            n += 1
+        else:
+            self.acc[:, columns] += deviation
+            self.acc_n[:, columns] += 1
+            n = self.level_n[columns] + 1
+            self.level_n[columns] = n
         # The level follows what the profile does not explain, over about one period:
         # weight max(1/n, 1/samples per period), and samples per period = n / periods.
         assert self.first_ms is not None
-        periods = np.maximum(1.0, (ts_ms - self.first_ms) / self.lengths)
-        weight = np.minimum(1.0, periods[:, None] / n)
-        self.level[:, columns] = level + weight * (values - forecast - level)
+        elapsed = ts_ms - self.first_ms
+        weight: Floats
+        if elapsed <= self._shortest:
+            # Within the shortest period every period counts 1: the weight is 1/n (<= 1).
+            weight = 1.0 / n
+        else:
+            periods = np.maximum(1.0, elapsed / self.lengths)
+            weight = np.minimum(1.0, periods[:, None] / n)
+        # level + weight * (values - forecast - level); values - 0 - level is the deviation.
+        change = deviation if forecast is None else values - forecast - level
+        change *= weight
+        if everything:
+            level += change
+        else:
+            self.level[:, columns] = level + change

@@ -23,10 +23,16 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from twinflow.detection.seasonal import Index
+from twinflow.detection.seasonal import Index, widened
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
+
+_STEPS: dict[tuple[bytes, tuple[int, ...]], Floats] = {}
+"""Steps by smoothing weights and readings per feature, shared by every smoother: the
+same few combinations of counts (10 readings a sensor, now and then 9 or 11) recur in
+every entity, and each costs a power to compute."""
+_STEPS_KEPT = 4096
 
 
 class Smoother:
@@ -46,7 +52,7 @@ class Smoother:
     [[25.0, 22.5]]
     """
 
-    __slots__ = ("means", "seen", "weights")
+    __slots__ = ("_everything_seen", "means", "seen", "weights")
 
     def __init__(self, weights: tuple[float, ...]) -> None:
         if not weights or not all(0 < w <= 1 for w in weights):
@@ -54,13 +60,21 @@ class Smoother:
         self.weights = np.asarray(weights, dtype=np.float64)
         self.means = np.zeros((0, len(weights)))
         self.seen = np.zeros(0, dtype=bool)
+        self._everything_seen = True
+        """Whether every feature has been seen (then no feature starts at this window)."""
+
+    def restore(self) -> None:
+        """Derive what a snapshot of an older layout did not hold (only the state)."""
+        if not hasattr(self, "_everything_seen"):
+            self._everything_seen = bool(self.seen.all())
 
     def grow(self, features: int) -> None:
         """Make room for ``features`` features."""
         extra = features - len(self.seen)
         if extra > 0:
-            self.means = np.vstack([self.means, np.zeros((extra, len(self.weights)))])
-            self.seen = np.append(self.seen, np.zeros(extra, dtype=bool))
+            self.means = widened(self.means, extra, axis=0)
+            self.seen = widened(self.seen, extra, axis=0)
+            self._everything_seen = False
 
     def update(self, columns: Index, values: Floats, readings: Ints | None) -> Floats:
         """Fold one window in; the smoothed values of its features, one row per feature.
@@ -68,13 +82,44 @@ class Smoother:
         ``readings``: how many readings each feature summarizes (at least 1 counts;
         None: one each).
         """
+        return self.fold(columns, values, self.steps(readings))
+
+    def steps(self, readings: Ints | None) -> Floats:
+        """How far a window moves each feature's scales towards it (see :meth:`update`).
+
+        Rows follow ``readings``; a single row for all features when it is None.
+        """
         if readings is None:
-            step = self.weights[None, :]
-        else:
-            step = 1.0 - (1.0 - self.weights[None, :]) ** np.maximum(readings, 1)[:, None]
+            return self.weights[None, :]
+        step: Floats = 1.0 - (1.0 - self.weights[None, :]) ** np.maximum(readings, 1)[:, None]
+        return step
+
+    def steps_for(self, readings: tuple[int, ...]) -> Floats:
+        """:meth:`steps` of these readings, computed once for every smoother (read-only)."""
+        key = (self.weights.tobytes(), readings)
+        step = _STEPS.get(key)
+        if step is None:
+            if len(_STEPS) >= _STEPS_KEPT:
+                _STEPS.clear()
+            step = self.steps(np.array(readings, dtype=np.int64))
+            step.flags.writeable = False
+            _STEPS[key] = step
+        return step
+
+    def fold(self, columns: Index, values: Floats, step: Floats) -> Floats:
+        """:meth:`update` with the :meth:`steps` of the window's readings.
+
+        With every feature in the window, the array returned is the smoother's own
+        state from then on: read it, do not write to it.
+        """
         current = self.means[columns]
-        moved = current + step * (values[:, None] - current)
-        smoothed = np.where(self.seen[columns, None], moved, values[:, None])
-        self.means[columns] = smoothed
-        self.seen[columns] = True
-        return smoothed
+        moved: Floats = current + step * (values[:, None] - current)
+        if not self._everything_seen:
+            moved = np.where(self.seen[columns, None], moved, values[:, None])
+            self.seen[columns] = True
+            self._everything_seen = bool(self.seen.all())
+        if isinstance(columns, slice):
+            self.means = moved
+        else:
+            self.means[columns] = moved
+        return moved

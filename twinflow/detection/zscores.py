@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from twinflow.detection.seasonal import Index
+from twinflow.detection.seasonal import Index, widened
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
@@ -62,6 +62,7 @@ class ZScores:
     """
 
     __slots__ = (
+        "_settled",
         "abs_floor",
         "clip",
         "count",
@@ -104,16 +105,23 @@ class ZScores:
         """Per feature, the column whose mean sets its floor (its sensor's ``mean``)."""
         self.regimes = 1
         self.last_used = np.zeros(regimes, dtype=np.int64)
+        self._settled = True
+        """Whether every cell has ``min_count`` values: from then on it stays so (counts
+        only grow, and :meth:`relearn` keeps them at ``min_count``) until :meth:`grow`."""
+
+    def restore(self) -> None:
+        """Derive what a snapshot of an older layout did not hold (only the state)."""
+        if not hasattr(self, "_settled"):
+            self._settled = bool((self.count >= self.min_count).all())
 
     def grow(self, level_of: Ints) -> None:
         """Make room for features up to ``len(level_of)``; ``level_of`` as the attribute."""
         extra = len(level_of) - len(self.level_of)
         if extra > 0:
-            self.count = np.vstack([self.count, np.zeros((extra, self.scales), dtype=np.int64)])
-            self.var = np.vstack([self.var, np.zeros((extra, self.scales))])
-            self.means = np.concatenate(
-                [self.means, np.zeros((self.max_regimes, extra, self.scales))], axis=1
-            )
+            self.count = widened(self.count, extra, axis=0)
+            self.var = widened(self.var, extra, axis=0)
+            self.means = widened(self.means, extra, axis=1)
+            self._settled = False
         self.level_of = np.asarray(level_of, dtype=np.int64)
 
     def std(self, columns: Index) -> Floats:
@@ -133,16 +141,25 @@ class ZScores:
         ``x`` is judged against its closest regime. Cells not scored yet are 0. ``at`` is
         the caller's clock, for the regimes' use.
         """
+        z, _, std, regime = self.judge(columns, x, at)
+        return z, std, regime
+
+    def judge(self, columns: Index, x: Floats, at: int = 0) -> tuple[Floats, Floats, Floats, int]:
+        """:meth:`z`, with the ``|z|`` it took to choose the regime: z, ``|z|``, std, regime."""
         std = self.std(columns)
-        scored = self.count[columns] >= self.min_count
         if self.regimes == 1:
-            z = np.where(scored, (x - self.means[0, columns]) / std, 0.0)
+            z = (x - self.means[0, columns]) / std
+            if not self._settled:
+                z = np.where(self.count[columns] >= self.min_count, z, 0.0)
             self.last_used[0] = at
-            return z, std, 0
-        every = np.where(scored, (x - self.means[: self.regimes, columns]) / std, 0.0)
-        best = int(np.abs(every).reshape(self.regimes, -1).max(axis=1).argmin())
+            return z, np.abs(z), std, 0
+        every = (x - self.means[: self.regimes, columns]) / std
+        if not self._settled:
+            every = np.where(self.count[columns] >= self.min_count, every, 0.0)
+        size = np.abs(every)
+        best = int(size.reshape(self.regimes, -1).max(axis=1).argmin())
         self.last_used[best] = at
-        return every[best], std, best
+        return every[best], size[best], std, best
 
     def learn(
         self,
@@ -154,32 +171,52 @@ class ZScores:
         z: Floats | None = None,
         std: Floats | None = None,
         robust: bool = False,
+        size: Floats | None = None,
     ) -> None:
         """Learn ``x`` into ``regime``.
 
-        ``gate``: cells whose ``|z|`` (as returned by :meth:`z`) exceeds it are not
-        learned. ``robust``: clip values to ``mean ± clip·std`` first (``std`` as
-        returned by :meth:`z`, or computed). Cells not scored yet always learn, without
-        clipping.
+        ``gate``: cells whose ``|z|`` (as returned by :meth:`z`, or ``size`` as returned
+        by :meth:`judge`) exceeds it are not learned. ``robust``: clip values to ``mean ±
+        clip·std`` first (``std`` as returned by :meth:`z`, or computed). Cells not scored
+        yet always learn, without clipping.
         """
         count = self.count[columns]
         mean = self.means[regime, columns]
-        if gate is None or z is None:
+        if gate is not None and size is None and z is not None:
+            size = np.abs(z)
+        if gate is None or size is None:
             count = count + 1
             weight = np.maximum(1.0 / count, 1.0 / self.memory)
+        elif self._settled:
+            # Every cell is scored: no cell learns ungated or unclipped.
+            learn = size <= gate
+            count = count + learn
+            # Counts are at least min_count >= 1 here, so no floor of 1 is needed.
+            weight = learn * np.maximum(1.0 / count, 1.0 / self.memory)
+            if robust:
+                reach = self.clip * (self.std(columns) if std is None else std)
+                x = x.clip(mean - reach, mean + reach)
         else:
             settled = count >= self.min_count
-            learn = ~settled | (np.abs(z) <= gate)
+            learn = ~settled | (size <= gate)
             count = count + learn
             weight = learn * np.maximum(1.0 / np.maximum(count, 1), 1.0 / self.memory)
             if robust:
                 reach = self.clip * (self.std(columns) if std is None else std)
                 x = np.where(settled, np.clip(x, mean - reach, mean + reach), x)
         delta = x - mean
-        self.means[regime, columns] = mean + weight * delta
-        var = self.var[columns]
-        self.var[columns] = (1.0 - weight) * (var + weight * delta * delta)
-        self.count[columns] = count
+        step = weight * delta
+        var = (1.0 - weight) * (self.var[columns] + step * delta)
+        if isinstance(columns, slice):
+            self.means[regime] = mean + step
+            self.var = var
+            self.count = count
+        else:
+            self.means[regime, columns] = mean + step
+            self.var[columns] = var
+            self.count[columns] = count
+        if not self._settled:
+            self._settled = bool((self.count >= self.min_count).all())
 
     def add_regime(self, columns: Index, levels: Floats, at: int) -> int:
         """Take ``levels`` (features by scales) as the means of a new regime; its index.

@@ -206,7 +206,8 @@ class MaintenanceMonitor:
     def __post_init__(self) -> None:
         self._limits = _limits(self.sensors)
         n, capacity = len(self._limits.names), self.config.capacity
-        self._times_h = np.full(capacity, np.nan)
+        # Without a limited sensor no bucket is ever closed, so the times are not kept.
+        self._times_h = np.full(capacity if n else 0, np.nan)
         self._values = np.full((n, capacity), np.nan)
         self._since_h = np.full(n, -np.inf)
         self._breaks_h = np.full((n, _BREAKS), np.nan)

@@ -119,7 +119,7 @@ def fit(
         cuts = np.empty(0)
         if breaks_h is not None:
             cuts = np.sort(breaks_h[row][np.isfinite(breaks_h[row])])
-        _, segment = np.unique(np.searchsorted(cuts, t, side="right"), return_inverse=True)
+        segment = _segments(cuts, t)
         count = np.bincount(segment)
         t_mean = np.bincount(segment, weights=t) / count
         y_mean = np.bincount(segment, weights=y) / count
@@ -129,13 +129,10 @@ def fit(
         # Each segment's slope is a line over its own length, tilted by the day as much
         # as a line that long can be; the shared slope weighs them by their spread.
         spread = np.bincount(segment, weights=dt * dt)
-        lengths = np.asarray(
-            [float(np.ptp(t[segment == k])) for k in range(len(count))], dtype=np.float64
-        )
         if sxx > 0:
+            lengths = _lengths(segment, t, len(count))
             out["tilt"][row] = (
-                float(spread @ np.asarray([cycle_tilt(length) for length in lengths.tolist()]))
-                / sxx
+                float(spread @ np.asarray([cycle_tilt(length) for length in lengths])) / sxx
             )
         segments = len(count)
         last_n, last_t, last_y = int(count[-1]), float(t_mean[-1]), float(y_mean[-1])
@@ -160,6 +157,34 @@ def fit(
     return Trends(
         **out, significant=np.zeros(rows, dtype=bool), ruled_out=np.zeros(rows, dtype=bool)
     )
+
+
+def _segments(cuts: Floats, t: Floats) -> npt.NDArray[np.intp]:
+    """Per time, the index of its segment among the segments that have times.
+
+    ``cuts`` are sorted. What ``np.unique(np.searchsorted(cuts, t, side="right"),
+    return_inverse=True)[1]`` is, without its sort: a bucket's segment is the number of
+    segments with times before its own.
+    """
+    if not len(cuts):
+        return np.zeros(len(t), dtype=np.intp)
+    raw = np.searchsorted(cuts, t, side="right")
+    present = np.zeros(len(cuts) + 1, dtype=bool)
+    present[raw] = True
+    segment: npt.NDArray[np.intp] = (np.cumsum(present) - 1)[raw]
+    return segment
+
+
+def _lengths(segment: npt.NDArray[np.intp], t: Floats, segments: int) -> list[float]:
+    """The span (``np.ptp``: largest less smallest) of each segment's times."""
+    if segments == 1:
+        return [float(np.ptp(t))]
+    high = np.full(segments, -np.inf)
+    np.maximum.at(high, segment, t)
+    low = np.full(segments, np.inf)
+    np.minimum.at(low, segment, t)
+    spans: list[float] = (high - low).tolist()
+    return spans
 
 
 def _best_step_ss(y: Floats) -> float:
