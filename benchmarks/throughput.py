@@ -803,6 +803,18 @@ def _targets(
         peer_rate = by_name.get(peer, {}).get("readings_per_s")
         ratio = baseline / peer_rate if baseline and peer_rate else None
         targets.append((f"twinflow >= {factor}x {peer}", ratio, (ratio or 0) >= factor))
+    limit_b = by_name.get("limit B: QuestDB ingest", {}).get("readings_per_s")
+    for label, rate, share in (
+        ("1 worker", baseline, 0.30),
+        ("best layout", best, 0.35),
+    ):
+        ratio = rate / limit_b if rate and limit_b else None
+        targets.append((f"twinflow {label} >= {share:.2f} x limit B", ratio, (ratio or 0) >= share))
+    two = by_name.get("twinflow 2 workers", {}).get("readings_per_s")
+    more = two / baseline if two and baseline else None
+    targets.append(("twinflow 2 workers >= 1 worker", more, (more or 0) >= 1))
+    p99 = (by_name.get(BASELINE, {}).get("latency") or {}).get("p99_ms")
+    targets.append(("twinflow 1 worker p99 latency <= 300 ms", p99, p99 is not None and p99 <= 300))
     share = baseline / limit if baseline and limit else None
     targets.append(("twinflow >= 50 % of min(limit A, limit B)", share, (share or 0) >= 0.5))
     return targets

@@ -68,7 +68,7 @@ def watermarks_client(kafka: KafkaSettings) -> Consumer:
 
 
 def partition_key(topic: str, partition: int) -> str:
-    """The key a partition's items (and its twins' state) are routed by."""
+    """The name of a partition's part: its items' key, under which recovery keeps its state."""
     return f"{topic}#{partition}"
 
 
