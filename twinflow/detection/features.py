@@ -35,13 +35,10 @@ import math
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
-from schemas.outputs import SensorWindow
+from schemas.outputs import WINDOW_FEATURES, SensorWindow
 
 FEATURES: tuple[str, ...] = ("mean", "std")
 """Window features the default model uses, in this order per sensor."""
-
-WINDOW_FEATURES: tuple[str, ...] = ("count", "mean", "min", "max", "std", "last", "slope")
-"""Every numeric feature a :class:`~schemas.outputs.SensorWindow` carries."""
 
 _NEEDS_TWO = frozenset({"std", "slope"})
 """Features that are 0 by convention, not by measurement, for a single reading."""
@@ -57,7 +54,7 @@ def feature_vector(
     with a single reading are 0 by convention, not measured, and are left out too, as
     is any value that is not finite.
 
-    >>> from schemas.outputs import SensorWindow
+    >>> from schemas.outputs import WINDOW_FEATURES, SensorWindow
     >>> def window(sensor: str, count: int, mean: float, std: float) -> SensorWindow:
     ...     return SensorWindow("pump-001", sensor, 0, 10_000, count, mean, mean, mean,
     ...                         std, mean, 0.0, 0)
@@ -77,7 +74,7 @@ def window_features(
     The readings of a feature are its sensor's window count (1 when its name's sensor,
     as :func:`split_feature` reads it, has no window).
 
-    >>> from schemas.outputs import SensorWindow
+    >>> from schemas.outputs import WINDOW_FEATURES, SensorWindow
     >>> window_features({"flow": SensorWindow("pump-001", "flow", 0, 10_000, 10, 180.0,
     ...                                       178.0, 182.0, 2.5, 180.0, 0.0, 0)})
     (['flow.mean', 'flow.std'], [180.0, 2.5], [10, 10])
