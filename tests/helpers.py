@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from connectors.kafka import client_config
 from connectors.questdb import QuestDBHttp
 from schemas.outputs import Flag
+from twinflow.errors import caused_by
 from twinflow.services.process import port_is_free
 from twinflow.settings import KafkaSettings, Settings
 
@@ -106,12 +107,10 @@ def refusal_row(fault: str, exit_code: int, elapsed_s: float) -> dict[str, objec
 
 def cause_of(exc: BaseException, kind: type[BaseException]) -> BaseException:
     """The ``kind`` exception Bytewax wrapped (BytewaxRuntimeError chains the original)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
+    found = caused_by(exc, kind)
+    if found is None:
+        raise AssertionError(f"no {kind.__name__} in the chain of {exc!r}")
+    return found
 
 
 def wait_for_wal(sql: QuestDBHttp, names: list[str], timeout_s: float = 30) -> dict[str, int]:

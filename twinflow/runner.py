@@ -8,7 +8,6 @@ import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
 
 from bytewax.recovery import (
     InconsistentPartitionsError,
@@ -26,7 +25,7 @@ from connectors.kafka_source import KafkaBatchSource
 from connectors.questdb import QuestDBHttp, ensure_table
 from connectors.questdb_sink import QuestDBSink
 from flows.twin import build_flow
-from twinflow.errors import ConfigError, TwinflowError
+from twinflow.errors import ConfigError, TwinflowError, caused_by
 from twinflow.metrics import serving
 from twinflow.settings import Settings
 from twinflow.tables import tables
@@ -34,7 +33,6 @@ from twinflow.topics import control_topics, ingest_topics, output_topics
 from twinflow.twin import IncompatibleSnapshotError
 from twinflow.twin_model import TwinModel
 
-_E = TypeVar("_E", bound=BaseException)
 log = logging.getLogger("twinflow.run")
 RECOVERY_PARTITIONS = 4
 """Recovery partitions created in a new store; any worker count can share them."""
@@ -143,20 +141,10 @@ def run_flow(
             ) from None
         except Exception as exc:
             # Bytewax wraps what a step raised; the twins raise this when resuming.
-            incompatible = _caused_by(exc, IncompatibleSnapshotError)
+            incompatible = caused_by(exc, IncompatibleSnapshotError)
             if incompatible is None:
                 raise
             raise TwinflowError(f"the recovery store {_store(settings)}: {incompatible}") from None
-
-
-def _caused_by(exc: BaseException, kind: type[_E]) -> _E | None:
-    """``exc`` or the first exception of ``kind`` in its chain of causes."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def _store(settings: Settings) -> Path:

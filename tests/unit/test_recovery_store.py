@@ -6,7 +6,8 @@ import stat
 import threading
 from pathlib import Path
 
-from twinflow.runner import RECOVERY_PARTITIONS, _caused_by, recovery_config
+from twinflow.errors import caused_by
+from twinflow.runner import RECOVERY_PARTITIONS, recovery_config
 from twinflow.settings import load_settings
 from twinflow.twin import IncompatibleSnapshotError
 
@@ -45,5 +46,5 @@ def test_a_resume_error_is_found_under_the_errors_bytewax_wraps_it_in() -> None:
         except IncompatibleSnapshotError as inner:
             raise RuntimeError("error calling StatefulBatchLogic.on_batch") from inner
     except RuntimeError as outer:
-        assert str(_caused_by(outer, IncompatibleSnapshotError)) == "layout 3"
-        assert _caused_by(outer, KeyError) is None
+        assert str(caused_by(outer, IncompatibleSnapshotError)) == "layout 3"
+        assert caused_by(outer, KeyError) is None
