@@ -36,6 +36,7 @@ from questdb import QuestDBError as ClientError
 from questdb import QuestDBErrorCode, Sender
 
 from connectors.questdb import QuestDBAuthError, QuestDBError, TableBatch, TableSpec, auth_failure
+from schemas.transport import CodedStrings
 from twinflow import metrics
 from twinflow.settings import QuestDBSettings
 
@@ -166,14 +167,15 @@ def _describe(batches: list[TableBatch]) -> str:
 
 
 def table_frame(
-    spec: TableSpec, columns: Mapping[str, Sequence[Any] | npt.ArrayLike]
+    spec: TableSpec, columns: Mapping[str, Sequence[Any] | npt.ArrayLike | CodedStrings]
 ) -> TableBatch:
     """A :class:`TableBatch` whose column dtypes are the ones the sink writes correctly.
 
     ``columns`` must name every column of ``spec``. TIMESTAMP values are epoch
     milliseconds and become ``datetime64[ns, UTC]`` (``None`` is NaT, which QuestDB
     stores as NULL; never in the designated timestamp); SYMBOL and VARCHAR
-    become pandas strings (``None`` is NULL); INT and LONG int64 (nullable ``Int64``
+    become pandas strings (``None`` is NULL), a SYMBOL given as :class:`CodedStrings` a
+    categorical (written from its codes); INT and LONG int64 (nullable ``Int64``
     when a value is ``None``); DOUBLE float64 (``None`` is NaN, which QuestDB stores
     as NULL); BOOLEAN bool (QuestDB has no NULL boolean).
 
@@ -198,7 +200,7 @@ def table_frame(
     return TableBatch(spec, frame)
 
 
-def _typed(kind: str, values: npt.ArrayLike) -> Any:
+def _typed(kind: str, values: npt.ArrayLike | CodedStrings) -> Any:
     if kind == "TIMESTAMP":
         array = np.asarray(values)
         if array.dtype.kind == "M":
@@ -212,6 +214,11 @@ def _typed(kind: str, values: npt.ArrayLike) -> Any:
         if array.dtype.kind != "b":
             raise ValueError(f"BOOLEAN values must be booleans, got {array.dtype}")
         return array
+    if isinstance(values, CodedStrings):
+        if kind == "SYMBOL":
+            # Categoricals are symbols the client writes from their codes: no hashing.
+            return pd.Categorical.from_codes(values.codes, categories=pd.Index(values.names))
+        values = values.decoded()
     if kind in ("SYMBOL", "VARCHAR"):
         return pd.array(np.asarray(values, dtype=object), dtype="string")
     if kind in ("INT", "LONG"):

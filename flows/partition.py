@@ -13,12 +13,14 @@ the partition to another worker or process, resumes all three from the same poin
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
+import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from schemas.transport import ControlBatch, InputMessage
@@ -44,6 +46,39 @@ class PartitionResume:
     raw: Any
     control: Any
     twins: PickledTwins | None
+
+
+def pickled(twins: PartitionTwins) -> PickledTwins:
+    """One pickle of a partition's twins."""
+    return PickledTwins(snapshot_bytes(twins))
+
+
+def snapshot_bytes(value: object) -> bytes:
+    """A pickle with plain arrays stored as bytes.
+
+    An entity's models hold a few dozen small arrays; numpy's own reduction costs about
+    2.5 µs each, which made it about 40 % of a snapshot's time.
+    """
+    buffer = io.BytesIO()
+    _SnapshotPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
+def array_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    """A writable array from its bytes (how snapshots store plain arrays)."""
+    return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+class _SnapshotPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) is np.ndarray
+            and obj.flags.c_contiguous
+            and obj.dtype.fields is None
+            and not obj.dtype.hasobject
+        ):
+            return array_from_bytes, (obj.tobytes(), obj.dtype.str, obj.shape)
+        return NotImplemented
 
 
 def restored(snapshot: PickledTwins) -> PartitionTwins:
@@ -139,7 +174,7 @@ class TwinsPartition(StatefulSourcePartition[StepOutput, PartitionResume]):
 
     def snapshot(self) -> PartitionResume:
         with metrics.step_seconds.labels("twins_snapshot").time():
-            twins = PickledTwins(pickle.dumps(self._twins, protocol=pickle.HIGHEST_PROTOCOL))
+            twins = pickled(self._twins)
         control = None if self._control is None else self._control.snapshot()
         return PartitionResume(self._raw.snapshot(), control, twins)
 

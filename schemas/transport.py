@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import overload
 
+import numpy as np
+import numpy.typing as npt
+
 from schemas import deadletter
 from schemas.control import Command, CommandResult, Feedback
 from schemas.raw import Reason
@@ -136,3 +139,32 @@ class ControlBatch:
     """Messages that did not decode; on one partition's copy only, so each is one letter."""
     reports: bool = False
     """Whether this copy reports problems (dead letters, refused commands): one copy does."""
+
+
+@dataclass(frozen=True, slots=True)
+class CodedStrings:
+    """A column of strings as codes into its distinct ``names`` (dictionary encoding).
+
+    Entity and sensor columns repeat a few names; coded, they become QuestDB symbol
+    columns (pandas categoricals) without hashing every row.
+
+    >>> column = CodedStrings.of(["b", "a", "b"])
+    >>> column.codes.tolist(), column.names.tolist(), column.decoded().tolist()
+    ([1, 0, 1], ['a', 'b'], ['b', 'a', 'b'])
+    """
+
+    codes: npt.NDArray[np.int64]
+    names: npt.NDArray[np.object_]
+    """Distinct: each name once."""
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> CodedStrings:
+        names, codes = np.unique(np.asarray(values, dtype=object), return_inverse=True)
+        return cls(codes.astype(np.int64), names)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def decoded(self) -> npt.NDArray[np.object_]:
+        """The strings, one per row."""
+        return self.names[self.codes]

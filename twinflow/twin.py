@@ -51,7 +51,13 @@ from schemas.outputs import (
     TwinState,
 )
 from schemas.raw import RawMessage, Reason, SchemaError, decode_raw
-from schemas.transport import ControlBatch, ControlMessage, InputMessage, MessageBatch
+from schemas.transport import (
+    CodedStrings,
+    ControlBatch,
+    ControlMessage,
+    InputMessage,
+    MessageBatch,
+)
 from twinflow.cleaning import SeriesCleaning, batch_parameters
 from twinflow.detection import DetectorConfig, EntityMonitor
 from twinflow.errors import TwinflowError
@@ -83,8 +89,8 @@ MAX_STEP_GAP_MS = 5_000
 class ReadingColumns:
     """Clean readings, column by column (cheap to turn into a DataFrame)."""
 
-    entity: npt.NDArray[np.object_] = field(default_factory=lambda: np.empty(0, dtype=object))
-    sensor: npt.NDArray[np.object_] = field(default_factory=lambda: np.empty(0, dtype=object))
+    entity: CodedStrings = field(default_factory=lambda: CodedStrings.of([]))
+    sensor: CodedStrings = field(default_factory=lambda: CodedStrings.of([]))
     ts_ms: Int64s = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     value: Floats = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     flags: Int64s = field(default_factory=lambda: np.empty(0, dtype=np.int64))
@@ -168,6 +174,10 @@ class _Series:
                 "low": np.asarray([s.range[0] for s in self.specs], dtype=np.float64),
                 "high": np.asarray([s.range[1] for s in self.specs], dtype=np.float64),
             }
+            for strings in ("entity_id", "sensor"):  # dictionary-encoded for the readings
+                names, codes = np.unique(self.columns[strings], return_inverse=True)
+                self.columns[f"{strings}_names"] = names
+                self.columns[f"{strings}_code"] = codes.astype(np.int64)
             parameters = [batch_parameters(spec) for spec in self.specs]
             for k, parameter in enumerate(("max_rate", "stuck_after_ms", "spike_floor")):
                 dtype = np.int64 if parameter == "stuck_after_ms" else np.float64
@@ -656,8 +666,14 @@ class PartitionTwins:
             | extra[clean]
         )
         out.readings = ReadingColumns(
-            entity=series_cols.column("entity_id")[series[clean]],
-            sensor=series_cols.column("sensor")[series[clean]],
+            entity=CodedStrings(
+                series_cols.column("entity_id_code")[series[clean]],
+                series_cols.column("entity_id_names"),
+            ),
+            sensor=CodedStrings(
+                series_cols.column("sensor_code")[series[clean]],
+                series_cols.column("sensor_names"),
+            ),
             ts_ms=ts[clean],
             value=value[clean],
             flags=flags,

@@ -15,6 +15,7 @@ from flows.twin import observe
 from schemas.deadletter import Source, dead_letter
 from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Anomaly, LateReading, SensorWindow
 from schemas.raw import Reason
+from schemas.transport import CodedStrings
 from tests.helpers import free_ports
 from twinflow.errors import ConfigError
 from twinflow.metrics import serving
@@ -66,8 +67,8 @@ def test_observe_counts_what_a_step_produced() -> None:
     received = datetime(2026, 1, 1, tzinfo=UTC)
     out = StepOutput(
         readings=ReadingColumns(
-            entity=np.array(["p1"] * 4, dtype=object),
-            sensor=np.array(["flow"] * 4, dtype=object),
+            entity=CodedStrings.of(["p1"] * 4),
+            sensor=CodedStrings.of(["flow"] * 4),
             ts_ms=np.arange(4, dtype=np.int64),
             value=np.ones(4),
             flags=np.array([0, 1, 0, 4], dtype=np.int64),

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from flows.partition import PickledTwins, restored
+from flows.partition import PickledTwins, pickled, restored
 from schemas.outputs import Alarm, AlarmEvent, Status, TwinState
 from schemas.transport import InputMessage
 from twinflow.detection import DetectorConfig
@@ -170,11 +170,14 @@ def test_a_snapshot_of_another_state_layout_is_refused_with_the_fix() -> None:
 
 def test_a_pickled_snapshot_resumes_the_same_twins_or_is_refused_with_the_fix() -> None:
     twins, _out = _run(len(MESSAGES), MESSAGES[:700])
-    snapshot = PickledTwins(pickle.dumps(twins))
-    resumed = restored(snapshot).step(MESSAGES[700:], WALL_MS)
+    # Snapshots taken before arrays were stored as bytes are plain pickles: both resume.
+    snapshots = (pickled(twins), PickledTwins(pickle.dumps(twins)))
+    resumed = [restored(snapshot).step(MESSAGES[700:], WALL_MS) for snapshot in snapshots]
     original = twins.step(MESSAGES[700:], WALL_MS)
-    assert resumed.alarms and resumed.alarms == original.alarms
-    assert resumed.states == original.states
+    for out in resumed:
+        assert out.alarms and out.alarms == original.alarms
+        assert out.states == original.states
+        assert out.windows == original.windows
     missing_class = b"cno_such_module\nTwins\n."
     for unreadable in (PickledTwins(missing_class), PickledTwins(pickle.dumps({"twins": 1}))):
         with pytest.raises(IncompatibleSnapshotError, match="Move the recovery store away"):
