@@ -35,6 +35,7 @@ from benchmarks.latency import LiveSchedule, VisibilityProbe
 from benchmarks.workload import Expected, WorkloadConfig, messages
 from connectors.questdb import QuestDBHttp, ensure_table
 from connectors.questdb_sink import table_frame
+from schemas.transport import CodedStrings
 from twinflow.settings import QuestDBSettings
 from twinflow.tables import tables
 
@@ -153,9 +154,14 @@ def _reading_columns(workload: dict[str, Any], rows: int) -> list[dict[str, Any]
                 columns["sensor"].append(sensor)
                 columns["value"].append(value)
     total = len(columns["ts"])
+    # Entity and sensor coded, as twinflow writes them: QuestDB's fastest symbol columns.
     return [
         {
-            **{name: column[start : start + rows] for name, column in columns.items()},
+            **{name: columns[name][start : start + rows] for name in ("ts", "value")},
+            **{
+                name: CodedStrings.of(columns[name][start : start + rows])
+                for name in ("entity", "sensor")
+            },
             "flags": np.zeros(min(rows, total - start), dtype=np.int64),
         }
         for start in range(0, total, rows)

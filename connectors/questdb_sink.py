@@ -52,6 +52,8 @@ class QuestDBSinkAuthError(QuestDBSinkError, QuestDBAuthError):
 
 
 _STATUS = re.compile(r"\[code: (\d+)\]")
+_NAT = np.iinfo(np.int64).min
+"""numpy's NaT as int64 nanoseconds: a NULL timestamp."""
 
 
 def _auth_error(settings: QuestDBSettings, exc: ClientError, consequence: str) -> QuestDBSinkError:
@@ -172,10 +174,10 @@ def table_frame(
     """A :class:`TableBatch` whose column dtypes are the ones the sink writes correctly.
 
     ``columns`` must name every column of ``spec``. TIMESTAMP values are epoch
-    milliseconds and become ``datetime64[ns, UTC]`` (``None`` is NaT, which QuestDB
-    stores as NULL; never in the designated timestamp); SYMBOL and VARCHAR
-    become pandas strings (``None`` is NULL), a SYMBOL given as :class:`CodedStrings` a
-    categorical (written from its codes); INT and LONG int64 (nullable ``Int64``
+    milliseconds and become ``datetime64[ns]`` in UTC (``None`` is NaT, which QuestDB
+    stores as NULL; never in the designated timestamp); SYMBOL and VARCHAR become object arrays of ``str`` (``None``
+    is NULL), a SYMBOL given as :class:`CodedStrings` a categorical (written from its
+    codes); INT and LONG int64 (nullable ``Int64``
     when a value is ``None``); DOUBLE float64 (``None`` is NaN, which QuestDB stores
     as NULL); BOOLEAN bool (QuestDB has no NULL boolean).
 
@@ -183,7 +185,7 @@ def table_frame(
     >>> batch = table_frame(READINGS, {"ts": [1_700_000_000_000], "entity": ["pump-1"],
     ...                                "sensor": ["flow"], "value": [1.5], "flags": [0]})
     >>> batch.frame.dtypes.astype(str).to_dict()
-    {'ts': 'datetime64[ns, UTC]', 'entity': 'string', 'sensor': 'string', 'value': 'float64', 'flags': 'int64'}
+    {'ts': 'datetime64[ns]', 'entity': 'object', 'sensor': 'object', 'value': 'float64', 'flags': 'int64'}
     >>> table_frame(READINGS, {"ts": [1], "entity": ["p"]})
     Traceback (most recent call last):
     ...
@@ -201,14 +203,18 @@ def table_frame(
 
 
 def _typed(kind: str, values: npt.ArrayLike | CodedStrings) -> Any:
+    # Plain numpy where the client takes it (naive datetime64 is UTC to it): building
+    # pandas extension arrays cost more than encoding the rows of a small batch.
     if kind == "TIMESTAMP":
         array = np.asarray(values)
         if array.dtype.kind == "M":
-            return pd.to_datetime(array, utc=True).as_unit("ns")
-        if array.dtype.kind == "O":  # a None among the values
-            millis = pd.array(array, dtype="Int64")
-            return pd.to_datetime(millis, unit="ms", utc=True).as_unit("ns")
-        return pd.to_datetime(array.astype(np.int64), unit="ms", utc=True).as_unit("ns")
+            return array.astype("datetime64[ns]")
+        if array.dtype.kind != "O":
+            return (array.astype(np.int64) * 1_000_000).view("datetime64[ns]")
+        missing = np.array([value is None for value in array], dtype=bool)
+        nanos = np.where(missing, 0, array).astype(np.int64) * 1_000_000
+        nanos[missing] = _NAT
+        return nanos.view("datetime64[ns]")
     if kind == "BOOLEAN":
         array = np.asarray(values)
         if array.dtype.kind != "b":
@@ -220,7 +226,11 @@ def _typed(kind: str, values: npt.ArrayLike | CodedStrings) -> Any:
             return pd.Categorical.from_codes(values.codes, categories=pd.Index(values.names))
         values = values.decoded()
     if kind in ("SYMBOL", "VARCHAR"):
-        return pd.array(np.asarray(values, dtype=object), dtype="string")
+        strings = np.asarray(values, dtype=object)
+        if all(value is None for value in strings):  # the client cannot tell the type of only NULLs
+            return pd.array(strings, dtype="string")
+        # A Series keeps the dtype object; a bare array would become pandas' str.
+        return pd.Series(strings, dtype=object, copy=False)
     if kind in ("INT", "LONG"):
         try:
             return np.asarray(values, dtype=np.int64)
