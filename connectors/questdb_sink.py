@@ -175,9 +175,9 @@ def table_frame(
 
     ``columns`` must name every column of ``spec``. TIMESTAMP values are epoch
     milliseconds and become ``datetime64[ns]`` in UTC (``None`` is NaT, which QuestDB
-    stores as NULL; never in the designated timestamp); SYMBOL and VARCHAR become object arrays of ``str`` (``None``
-    is NULL), a SYMBOL given as :class:`CodedStrings` a categorical (written from its
-    codes); INT and LONG int64 (nullable ``Int64``
+    stores as NULL; never in the designated timestamp); SYMBOL and VARCHAR become
+    object arrays of ``str`` (``None`` is NULL), a SYMBOL given as :class:`CodedStrings`
+    a categorical (written from its codes); INT and LONG int64 (nullable ``Int64``
     when a value is ``None``); DOUBLE float64 (``None`` is NaN, which QuestDB stores
     as NULL); BOOLEAN bool (QuestDB has no NULL boolean).
 
@@ -204,7 +204,7 @@ def table_frame(
 
 def _typed(kind: str, values: npt.ArrayLike | CodedStrings) -> Any:
     # Plain numpy where the client takes it (naive datetime64 is UTC to it): building
-    # pandas extension arrays cost more than encoding the rows of a small batch.
+    # pandas extension arrays costs more than encoding the rows of a small batch.
     if kind == "TIMESTAMP":
         array = np.asarray(values)
         if array.dtype.kind == "M":
