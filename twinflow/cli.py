@@ -35,7 +35,10 @@ err = Console(stderr=True)
 
 ServiceNames = Annotated[
     list[str] | None,
-    typer.Argument(help=f"services to act on (default: all of {', '.join(manager.SERVICE_NAMES)})"),
+    typer.Argument(
+        help=f"services to act on (default: all of {', '.join(manager.SERVICE_NAMES)}; "
+        f"also: {', '.join(manager.OPTIONAL_TYPES)})"
+    ),
 ]
 
 
@@ -87,11 +90,14 @@ def config() -> None:
 
 @app.command()
 def setup() -> None:
-    """Install what the local services need (Debian packages, Kafka and QuestDB jars)."""
+    """Install what twinflow needs: packages, jars, the viewer's charts, chromium for tests."""
+    from twinflow.services.provision import ensure_executables
+
     settings = _settings()
     manager.ensure_private_dir(settings.state_dir)
-    for service in manager.services(settings):
+    for service in manager.services(settings, [*manager.SERVICE_NAMES, *manager.OPTIONAL_TYPES]):
         service.prepare(_progress)
+    ensure_executables(["chromium"], _progress)
     out.print("setup complete")
 
 
@@ -134,6 +140,7 @@ def demo(
     """The whole pipeline live: plant -> MQTT -> bridge -> Kafka -> twin flow -> QuestDB."""
     from twinflow.demo import run_demo
     from twinflow.metrics import serving
+    from twinflow.serve.server import url as serve_url
 
     if hours <= 0 or speed <= 0 or entities < 1:
         raise ConfigError("--hours and --speed must be positive, --entities at least 1")
@@ -146,6 +153,9 @@ def demo(
     smoke.questdb_round_trip(settings, run_id, 42.0)
     smoke.mqtt_round_trip(settings, f"twinflow/smoke/{run_id}", run_id.encode())
     _progress("Kafka, QuestDB and MQTT answered a round trip each")
+    with err.status("starting twinflow serve…"):
+        manager.up(settings, ["serve"], _progress)
+    out.print(f"twin viewer: {serve_url(settings)} (the API is under /api/v1)")
     # The bridge and flow report through the live view; their own logs would repeat it.
     for name in ("twinflow.bridge.mqtt", "twinflow.simulate"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -155,6 +165,7 @@ def demo(
     out.print(summary)
     _print_status(manager.status(settings))
     out.print(
+        f"Twin viewer and API: {serve_url(settings)}. "
         f"QuestDB console: {settings.questdb.http_url} (tables readings, sensor_windows, "
         "twin_state, anomalies, alarms, deadletters). Pipeline metrics: Prometheus at "
         f"http://127.0.0.1:{settings.metrics.prometheus_port} (twinflow_* series). Services "
@@ -387,6 +398,16 @@ def run(
         process_id=process_id,
         addresses=addresses.split(";") if addresses else None,
     )
+
+
+@app.command()
+def serve(model: ModelOption = None) -> None:
+    """Serve the twin API and the viewer page (serve.host, serve.port) until Ctrl-C."""
+    from twinflow.serve.server import run_server, url
+
+    settings, twin = _settings(), _model(model)
+    err.print(f"twinflow serve: {url(settings)} (API under /api/v1)", highlight=False)
+    run_server(settings, twin)
 
 
 @app.command()

@@ -204,7 +204,7 @@ def send_verdict(
         ts_ms=time.time_ns() // 1_000_000,
         note=note,
     )
-    _produce(settings, settings.topics.feedback, feedback.entity_id, control.encode(feedback))
+    send(settings, settings.topics.feedback, feedback.entity_id, control.encode(feedback))
     return feedback
 
 
@@ -242,7 +242,7 @@ def make_command(
 
 def send_command(settings: Settings, command: control.Command) -> None:
     """Write ``command`` to ``twin.commands``."""
-    _produce(settings, settings.topics.commands, command.entity_id, control.encode(command))
+    send(settings, settings.topics.commands, command.entity_id, control.encode(command))
 
 
 def state_follower(settings: Settings) -> Consumer:
@@ -302,7 +302,8 @@ def wait_for_command(
     return latest
 
 
-def _produce(settings: Settings, topic: str, key: str, value: bytes) -> None:
+def send(settings: Settings, topic: str, key: str, value: bytes) -> None:
+    """Write one back-channel message, acknowledged by all in-sync replicas, or raise."""
     ensure_topics(settings.kafka, control_topics(settings.topics))
     producer = reliable_producer(settings.kafka)
     failures: list[str] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -505,6 +505,58 @@ class MetricsSettings(_Section):
         return self.flow_port
 
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class ServeUser(_Section):
+    """A person or program allowed to use ``twinflow serve``, by bearer token."""
+
+    token: SecretStr = Field(min_length=16, description="bearer token, 16 characters or more")
+    role: Literal["viewer", "operator"] = Field(
+        default="viewer", description="viewer reads; operator may also judge alarms and command"
+    )
+
+
+class ServeSettings(_Section):
+    """``twinflow serve``: the twin API and the viewer page."""
+
+    host: str = Field(default="127.0.0.1", description="address the server binds")
+    port: Port = _port(8080, "HTTP port of the API and the viewer page")
+    token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="operator bearer token; when set (or users are), every request needs one",
+    )
+    users: dict[str, ServeUser] = Field(
+        default_factory=dict, description="named users with their own token and role"
+    )
+    max_points: int = Field(
+        default=2000, ge=10, le=100_000, description="most points a series request may ask"
+    )
+    windows_refresh_s: float = Field(
+        default=5.0, gt=0, description="how often the latest windows are re-read from QuestDB"
+    )
+    command_expires_s: float = Field(
+        default=60.0, gt=0, description="default expiry of a setpoint command sent by the API"
+    )
+
+    @property
+    def secured(self) -> bool:
+        """Whether requests need a token."""
+        return self.token is not None or bool(self.users)
+
+    @model_validator(mode="after")
+    def _no_open_server_off_loopback(self) -> Self:
+        # Operators' verdicts and setpoint commands reach the machines: an address
+        # others can reach needs a token.
+        if self.host not in _LOOPBACK and not self.secured:
+            raise ValueError(
+                f"serve.host {self.host} is reachable from other machines: set serve.token "
+                "(or serve.users) so requests need a token, or bind 127.0.0.1"
+            )
+        return self
+
+
 class ServicesSettings(_Section):
     """How ``twinflow up`` runs the local services."""
 
@@ -547,6 +599,7 @@ class Settings(BaseSettings):
     detection: DetectionSettings = DetectionSettings()
     metrics: MetricsSettings = MetricsSettings()
     services: ServicesSettings = ServicesSettings()
+    serve: ServeSettings = ServeSettings()
 
     @field_validator("config_file", "state_dir", "lib_dir", "twin_model")
     @classmethod
@@ -562,6 +615,7 @@ class Settings(BaseSettings):
             "metrics.flow_port": metrics.flow_port,
             "metrics.mqtt_bridge_port": metrics.mqtt_bridge_port,
             "metrics.opcua_bridge_port": metrics.opcua_bridge_port,
+            "serve.port": self.serve.port,
         }
         for name, port in {**self.local_ports(), **endpoints}.items():
             if port in claimed:
@@ -688,10 +742,24 @@ def _without_secrets(model: type[BaseModel] | None, location: tuple[Any, ...], v
         annotation = field.annotation
         if annotation is SecretStr or SecretStr in getattr(annotation, "__args__", ()):
             return "**********"
-        submodel = annotation if isinstance(annotation, type) else None
-        if submodel is not None and not issubclass(submodel, BaseModel):
-            submodel = None
-        return _without_secrets(submodel, rest, value)
+        if get_origin(annotation) is dict:  # named entries: skip the name
+            entry = _model_or_none(get_args(annotation)[1])
+            if not rest:
+                return _masked_entries(entry, value)
+            return _without_secrets(entry, rest[1:], value)
+        return _without_secrets(_model_or_none(annotation), rest, value)
     if isinstance(value, dict) and model is not None:
         return {key: _without_secrets(model, (key,), item) for key, item in value.items()}
     return value
+
+
+def _masked_entries(entry: type[BaseModel] | None, value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_secrets(entry, (), item) for key, item in value.items()}
+    return value
+
+
+def _model_or_none(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from connectors.questdb import QuestDBError, QuestDBHttp
 from tests.helpers import clean_env, twinflow_cli, wait_for_line
 from tests.helpers import isolated_env as isolated_stack_env
 from twinflow.services.process import port_is_free, process_start_ticks
+from twinflow.services.serve import ServeService
 from twinflow.settings import Settings
+from twinflow.twin_model import load_twin_model
 
 pytestmark = pytest.mark.integration
 
@@ -95,16 +98,37 @@ def test_demo_runs_the_whole_pipeline(stack: Settings) -> None:
             return 0
 
     before = readings()
-    result = twinflow_cli(
-        dict(os.environ), "demo", "--hours", "0.1", "--speed", "40", "--entities", "4", timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "answered a round trip each" in result.stderr
-    summary = " ".join(result.stdout.split())
-    assert re.search(r"plant: \d+ MQTT messages, \d+ valid readings", summary)
-    assert "readings in QuestDB" in summary
-    assert stack.questdb.http_url in summary
-    assert readings() > before
+    serving_before = ServeService(stack).pid_file.live_pid() is not None
+    try:
+        result = twinflow_cli(
+            dict(os.environ),
+            "demo",
+            "--hours",
+            "0.1",
+            "--speed",
+            "40",
+            "--entities",
+            "4",
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "answered a round trip each" in result.stderr
+        summary = " ".join(result.stdout.split())
+        assert re.search(r"plant: \d+ MQTT messages, \d+ valid readings", summary)
+        assert "readings in QuestDB" in summary
+        assert stack.questdb.http_url in summary
+        assert readings() > before
+        viewer = f"http://127.0.0.1:{stack.serve.port}/"
+        assert f"twin viewer: {viewer}" in summary
+        # The viewer outlives the demo, like the services; it shows the demo's plant.
+        with urllib.request.urlopen(viewer + "api/v1/plant", timeout=10) as response:
+            tree = json.loads(response.read())
+        assert tree["entities"] == len(load_twin_model(stack.twin_model).entities)
+        rows = _status(dict(os.environ))
+        assert ("serve", "healthy") in [(row["name"], row["state"]) for row in rows]
+    finally:
+        if not serving_before:
+            twinflow_cli(dict(os.environ), "down", "serve")
 
 
 def test_a_flow_started_with_sigint_ignored_still_stops_on_sigint(

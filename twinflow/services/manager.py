@@ -25,6 +25,7 @@ from twinflow.services.process import (
 from twinflow.services.prometheus import PrometheusService
 from twinflow.services.provision import Progress
 from twinflow.services.questdb import QuestDBService
+from twinflow.services.serve import ServeService
 from twinflow.settings import Settings, env_name
 
 # Start order; `down` stops in reverse. Prometheus comes last: it only scrapes the others.
@@ -33,6 +34,10 @@ SERVICE_TYPES: dict[str, type[LocalService]] = {
     for service in (KafkaService, QuestDBService, MosquittoService, PrometheusService)
 }
 SERVICE_NAMES = tuple(SERVICE_TYPES)
+# Started only when named (`twinflow up serve`, the demo); `status` and `down` include
+# them while they run. They come after the services they use.
+OPTIONAL_TYPES: dict[str, type[LocalService]] = {ServeService.name: ServeService}
+_ALL_TYPES = {**SERVICE_TYPES, **OPTIONAL_TYPES}
 
 
 class State(StrEnum):
@@ -56,13 +61,24 @@ class ServiceStatus:
     log_file: str
 
 
-def services(settings: Settings, names: Sequence[str] = ()) -> list[LocalService]:
-    """The named services (all when ``names`` is empty), in start order."""
-    unknown = sorted(set(names) - set(SERVICE_TYPES))
+def services(
+    settings: Settings, names: Sequence[str] = (), *, running_optional: bool = False
+) -> list[LocalService]:
+    """The named services, in start order.
+
+    No names: the default services, and with ``running_optional`` the optional ones
+    that are running.
+    """
+    unknown = sorted(set(names) - set(_ALL_TYPES))
     if unknown:
-        raise ServiceError(f"unknown service(s) {unknown}; choose from {list(SERVICE_NAMES)}")
-    wanted = names or SERVICE_NAMES
-    return [SERVICE_TYPES[name](settings) for name in SERVICE_NAMES if name in wanted]
+        raise ServiceError(f"unknown service(s) {unknown}; choose from {list(_ALL_TYPES)}")
+    found = [_ALL_TYPES[name](settings) for name in _ALL_TYPES if name in names]
+    if names:
+        return found
+    optional = [kind(settings) for kind in OPTIONAL_TYPES.values()] if running_optional else []
+    return [kind(settings) for kind in SERVICE_TYPES.values()] + [
+        service for service in optional if service.pid_file.live_pid() is not None
+    ]
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -83,7 +99,7 @@ def _state_lock(settings: Settings) -> Iterator[None]:
 def status(settings: Settings, names: Sequence[str] = ()) -> list[ServiceStatus]:
     """Health, PID and memory of each service."""
     rows = []
-    for service in services(settings, names):
+    for service in services(settings, names, running_optional=True):
         pid = service.pid_file.live_pid()
         if pid is None:
             state = State.STOPPED
@@ -177,7 +193,7 @@ def down(settings: Settings, names: Sequence[str], progress: Progress) -> list[s
     with _state_lock(settings):
         stopped = []
         # Reverse start order: clients of a broker go before the broker.
-        for service in reversed(services(settings, names)):
+        for service in reversed(services(settings, names, running_optional=True)):
             pid = service.pid_file.live_pid()
             if pid is None:
                 progress(f"{service.name}: not running")

@@ -27,6 +27,7 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "mosquitto": "mosquitto",
     "java": "openjdk-17-jre-headless",
     "mvn": "maven",
+    "chromium": "chromium",  # the browser the viewer's tests drive (never a downloaded one)
 }
 # Debian installs daemons in /usr/sbin, which is not on every user's PATH.
 _EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin")
