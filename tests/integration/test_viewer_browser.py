@@ -181,6 +181,17 @@ def test_the_page_lists_every_entity(plant: ServedPlant, browsing: Browsing) -> 
     statuses = set(entities.evaluate_all("nodes => nodes.map(node => node.dataset.status)"))
     assert statuses <= {"OK", "WARN", "ALARM", "STALE", "UNKNOWN"}, statuses
     expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=30_000)
+    # Reported, not asserted: speed is measured, not timed in tests.
+    timing = page.evaluate(
+        "() => { const n = performance.getEntriesByType('navigation')[0];"
+        " return {dom: n.domContentLoadedEventEnd, load: n.loadEventEnd,"
+        " bytes: performance.getEntriesByType('resource')"
+        ".reduce((sum, r) => sum + r.transferSize, n.transferSize)}; }"
+    )
+    print(
+        f"page load: DOMContentLoaded {timing['dom']:.0f} ms, load {timing['load']:.0f} ms, "
+        f"{timing['bytes'] / 1024:.0f} KiB"
+    )
     browsing.screenshot("1-plant")
     browsing.assert_clean()
 
