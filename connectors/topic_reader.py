@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from connectors.kafka import client_config
 from twinflow.errors import TwinflowError
 from twinflow.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+_NO_LEADER_YET = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
 
 OnRecords = Callable[[str, Sequence[bytes]], None]
 """Called with a topic and the values of a batch of its records, in offset order per
@@ -59,9 +72,7 @@ class TopicReader:
             if metadata is None or metadata.error is not None:
                 raise TwinflowError(f"topic {topic} does not exist; `twinflow run` creates it")
             for partition in sorted(metadata.partitions):
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=timeout_s
-                )
+                low, high = self._ends(TopicPartition(topic, partition), timeout_s)
                 if high > low:
                     self._behind.add((topic, partition))
                 assigned.append(TopicPartition(topic, partition, OFFSET_BEGINNING))
@@ -69,6 +80,22 @@ class TopicReader:
         if not self._behind:
             self.caught_up.set()
         self._thread.start()
+
+    def _ends(self, partition: TopicPartition, timeout_s: float) -> tuple[int, int]:
+        """A partition's low and high offsets, waiting out a leader not elected yet."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                low, high = self._consumer.get_watermark_offsets(partition, timeout=timeout_s)
+                return low, high
+            except KafkaException as exc:
+                # A topic created a moment ago has no leader yet for a while.
+                if time.monotonic() > deadline or exc.args[0].code() not in _NO_LEADER_YET:
+                    raise TwinflowError(
+                        f"cannot read where {partition.topic} [{partition.partition}] ends: "
+                        f"{exc.args[0].str()}"
+                    ) from None
+                time.sleep(0.2)
 
     def stop(self) -> None:
         """Stop reading and close the consumer."""

@@ -57,6 +57,9 @@ class PlantView:
     windows_available: bool = False
     version: int = 0
     """Grows with every change kept, so answers built from the view can be cached."""
+    entity_versions: dict[str, int] = field(default_factory=dict)
+    """Per entity, grows with every change to its state or alarms."""
+    windows_version: int = 0
     children: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,7 @@ class PlantView:
         if before is not None and state.ts_ms < before.ts_ms:
             return None
         self.states[state.entity_id] = state
-        self.version += 1
+        self._changed(state.entity_id)
         changed = (
             before is None
             or before.status != state.status
@@ -97,7 +100,7 @@ class PlantView:
         if before is not None and (alarm.ts_ms, alarm.msg_id) <= (before.ts_ms, before.msg_id):
             return None
         self.alarms[alarm.alarm_id] = alarm
-        self.version += 1
+        self._changed(alarm.entity_id)
         return alarm
 
     def set_windows(self, windows: dict[tuple[str, str], WindowView]) -> None:
@@ -105,6 +108,11 @@ class PlantView:
         self.windows = windows
         self.windows_available = True
         self.version += 1
+        self.windows_version += 1
+
+    def _changed(self, entity_id: str) -> None:
+        self.version += 1
+        self.entity_versions[entity_id] = self.entity_versions.get(entity_id, 0) + 1
 
     # -- answers ----------------------------------------------------------------------
 

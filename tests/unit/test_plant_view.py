@@ -168,3 +168,16 @@ def test_worst_orders_statuses_by_severity() -> None:
     assert worst([ViewStatus.UNKNOWN, ViewStatus.OK]) is ViewStatus.UNKNOWN
     assert worst([ViewStatus.STALE, ViewStatus.UNKNOWN]) is ViewStatus.STALE
     assert worst([ViewStatus.WARN, ViewStatus.ALARM, ViewStatus.STALE]) is ViewStatus.ALARM
+
+
+def test_versions_grow_with_the_changes_an_answer_depends_on(model: TwinModel) -> None:
+    view = PlantView(model)
+    view.apply_state(state("pump-001", 1000))
+    view.apply_alarm(alarm("pump-001", 900, 1000, True, AlarmEvent.RAISED))
+    assert view.entity_versions == {"pump-001": 2}
+    view.apply_state(state("pump-001", 500))  # older: kept nothing
+    view.apply_state(state("pump-002", 1000))
+    assert view.entity_versions == {"pump-001": 2, "pump-002": 1}
+    windows, overall = view.windows_version, view.version
+    view.set_windows({})
+    assert (view.windows_version, view.version) == (windows + 1, overall + 1)

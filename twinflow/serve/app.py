@@ -22,8 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,7 +41,7 @@ from twinflow import operations
 from twinflow.errors import TwinflowError
 from twinflow.plant import PlantView
 from twinflow.serve import history
-from twinflow.serve.live import LiveTwin
+from twinflow.serve.live import LiveTwin, sse_event
 from twinflow.settings import Settings
 from twinflow.tables import tables
 
@@ -50,6 +49,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 API = "/api/v1"
 TOKEN_COOKIE = "twinflow_token"  # noqa: S105 - the cookie's name
 _HOUR_MS = 3_600_000
+KEEPALIVE_S = 15.0
 
 Role = Literal["viewer", "operator"]
 T = TypeVar("T")
@@ -112,7 +112,9 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
         tokens[serve.token.get_secret_value()] = Caller("operator", "operator")
     for user_name, user in serve.users.items():
         tokens[user.token.get_secret_value()] = Caller(user_name, user.role)
+    # Answers encoded once per change: reads outnumber changes by far.
     plant_cache: dict[int, bytes] = {}
+    entity_cache: dict[str, tuple[tuple[int, int], bytes]] = {}
     open_paths = {f"{API}/openapi.json", f"{API}/health"}
 
     @app.exception_handler(Refused)
@@ -180,7 +182,11 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
     async def entity(id: str) -> Response:
         def answer(view: PlantView) -> bytes:
             entity_or_404(view, id)
-            return msgspec.json.encode(view.entity(id))
+            key = (view.entity_versions.get(id, 0), view.windows_version)
+            cached = entity_cache.get(id)
+            if cached is None or cached[0] != key:
+                cached = entity_cache[id] = (key, msgspec.json.encode(view.entity(id)))
+            return cached[1]
 
         return Response(live.read(answer), media_type="application/json")
 
@@ -301,21 +307,41 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
 
     @app.get(
         f"{API}/events",
-        response_class=EventSourceResponse,
-        summary="Server-Sent Events: `state` (StateEvent) and `alarm` (Alarm) changes.",
+        summary="Server-Sent Events: `ready` first, then `state` (StateEvent) and `alarm` "
+        "(Alarm) as they happen; a client too slow to keep up is disconnected (an "
+        "EventSource reconnects and gets `ready` again: read the plant afresh then).",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "an endless event stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        },
     )
-    async def events(request: Request) -> AsyncIterator[ServerSentEvent]:
+    async def events() -> StreamingResponse:
         queue = live.subscribe()
-        try:
-            yield ServerSentEvent(event="ready", data={"caught_up": live.caught_up})
-            while True:
-                item = await queue.get()
-                if item is None or await request.is_disconnected():
-                    return
-                name, data = item
-                yield ServerSentEvent(event=name, raw_data=msgspec.json.encode(data).decode())
-        finally:
-            live.unsubscribe(queue)
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                yield sse_event("ready", {"caught_up": live.caught_up})
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield b": keepalive\n\n"  # keeps proxies from closing an idle stream
+                        continue
+                    chunks = [chunk]
+                    while chunks[-1] is not None and not queue.empty():
+                        chunks.append(queue.get_nowait())
+                    yield b"".join(c for c in chunks if c is not None)
+                    if chunks[-1] is None:
+                        return
+            finally:
+                live.unsubscribe(queue)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get(f"{API}/health", include_in_schema=False)
     def health() -> Response:

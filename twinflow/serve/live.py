@@ -3,7 +3,7 @@
 ``twin.state`` (compacted) and ``twin.alarms`` are read from their beginning at start and
 followed; the latest window of every sensor is re-read from QuestDB every
 ``serve.windows_refresh_s``. Reads take a lock only long enough to build an answer;
-changes go to every SSE subscriber's queue.
+changes go to every SSE subscriber's queue, encoded once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import msgspec
 from connectors.questdb import QuestDBError, QuestDBHttp
 from connectors.topic_reader import TopicReader
 from schemas.outputs import Alarm, TwinState
-from schemas.serve import StateEvent
 from twinflow.plant import PlantView
 from twinflow.serve.history import latest_windows
 from twinflow.settings import Settings
@@ -30,17 +29,19 @@ from twinflow.twin_model import TwinModel
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Event = tuple[str, StateEvent | Alarm]
-"""An SSE event: its name (``state`` or ``alarm``) and its data."""
+Chunk = bytes | None
+"""Server-Sent Events as they go on the wire, several at once; None ends the stream."""
 
-_QUEUE_LIMIT = 1000
+_PENDING_LIMIT = 500
+"""Chunks a subscriber may have waiting; beyond, it is too slow and its stream ends (an
+EventSource reconnects and reads the view afresh rather than showing it wrong)."""
 _SLICE = 100
 
 
 @dataclass(slots=True)
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Event | None]
+    queue: asyncio.Queue[Chunk]
 
 
 class LiveTwin:
@@ -87,21 +88,21 @@ class LiveTwin:
         with self._lock:
             subscribers, self._subscribers = self._subscribers, []
         for subscriber in subscribers:
-            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, None)
+            subscriber.loop.call_soon_threadsafe(_offer, subscriber.queue, None)
 
     def read(self, answer: Callable[[PlantView], T]) -> T:
         """``answer(view)`` while no update is applied."""
         with self._lock:
             return answer(self.view)
 
-    def subscribe(self) -> asyncio.Queue[Event | None]:
-        """A queue of this loop that receives every change from now on (None: the end)."""
-        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(_QUEUE_LIMIT))
+    def subscribe(self) -> asyncio.Queue[Chunk]:
+        """A queue of this loop that receives every change from now on, as SSE bytes."""
+        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(_PENDING_LIMIT))
         with self._lock:
             self._subscribers.append(subscriber)
         return subscriber.queue
 
-    def unsubscribe(self, queue: asyncio.Queue[Event | None]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Chunk]) -> None:
         """Stop sending changes to ``queue``."""
         with self._lock:
             self._subscribers = [s for s in self._subscribers if s.queue is not queue]
@@ -113,7 +114,7 @@ class LiveTwin:
             self._apply(topic, values[start : start + _SLICE])
 
     def _apply(self, topic: str, values: Sequence[bytes]) -> None:
-        events: list[Event] = []
+        events: list[bytes] = []
         is_state = topic == self.settings.topics.state
         with self._lock:
             for value in values:
@@ -121,19 +122,22 @@ class LiveTwin:
                     if is_state:
                         changed = self.view.apply_state(self._states.decode(value))
                         if changed is not None:
-                            events.append(("state", changed))
+                            events.append(sse_event("state", changed))
                     else:
                         alarm = self.view.apply_alarm(self._alarms.decode(value))
                         if alarm is not None:
-                            events.append(("alarm", alarm))
+                            events.append(sse_event("alarm", alarm))
                 except msgspec.MsgspecError as exc:
                     # Another producer's record (or a newer contract): skip it, say so.
                     self.skipped += 1
                     log.warning("skipped a record of %s that is not a v1 message: %s", topic, exc)
             subscribers = list(self._subscribers)
+        if not events:
+            return
+        # Encoded once for all subscribers, handed over as one chunk per slice.
+        chunk = b"".join(events)
         for subscriber in subscribers:
-            for event in events:
-                subscriber.loop.call_soon_threadsafe(_offer, subscriber.queue, event)
+            subscriber.loop.call_soon_threadsafe(_offer, subscriber.queue, chunk)
 
     def _refresh_windows(self) -> None:
         sql = QuestDBHttp(self.settings.questdb, timeout_s=10.0)
@@ -152,8 +156,15 @@ class LiveTwin:
             self._stop.wait(self.settings.serve.windows_refresh_s)
 
 
-def _offer(queue: asyncio.Queue[Event | None], event: Event) -> None:
-    """Queue an event; a subscriber too slow to keep up loses the oldest."""
+def sse_event(name: str, data: object) -> bytes:
+    """One Server-Sent Event with JSON data (msgspec writes no newline into it)."""
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _offer(queue: asyncio.Queue[Chunk], chunk: Chunk) -> None:
+    """Queue a chunk; a subscriber too far behind is ended instead."""
     if queue.full():
-        queue.get_nowait()
-    queue.put_nowait(event)
+        while not queue.empty():
+            queue.get_nowait()
+        chunk = None
+    queue.put_nowait(chunk)
