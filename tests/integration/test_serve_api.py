@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,24 @@ def test_bad_input_gets_a_4xx_naming_the_field(
     got, error = request(plant.url + path, method=method, body=body)
     assert (got, error["field"]) == (status, field), error
     assert error["detail"]
+
+
+def test_a_write_not_declared_json_is_refused(plant: ServedPlant) -> None:
+    """A cross-site form or text POST (no CORS preflight) cannot judge or command."""
+    for method, path in (
+        ("POST", "/api/v1/alarms/pump-001@1/reject"),
+        ("PUT", "/api/v1/entities/pump-001/setpoints/speed"),
+    ):
+        req = urllib.request.Request(
+            plant.url + path,
+            data=b'{"value": 1500}',
+            method=method,
+            headers={"Content-Type": "text/plain", "Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        error = json.loads(refused.value.read())
+        assert (refused.value.code, error["field"]) == (415, "Content-Type"), error
 
 
 def test_a_setpoint_command_reaches_twin_commands(plant: ServedPlant) -> None:

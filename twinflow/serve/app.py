@@ -261,6 +261,7 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
 
     def judge(alarm_id: str, verdict: control.Verdict, request: Request, body: bytes) -> Response:
         who = caller(request, "operator")
+        _require_json(request)
         text = _body(body, VerdictBody) if body.strip() else VerdictBody()
         alarm = live.read(lambda view: view.alarms.get(alarm_id))
         if alarm is None:
@@ -299,6 +300,7 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
     )
     async def setpoint(id: str, name: str, request: Request) -> Response:
         who = caller(request, "operator")
+        _require_json(request)
         body = _body(await request.body(), SetpointBody)
         entity_or_404(live.view, id)
         if name not in live.view.model.setpoints_of(id):
@@ -454,6 +456,21 @@ def _body(raw: bytes, kind: type[T]) -> T:
         raise Refused(400, f"body is not JSON: {exc}", "body") from None
 
 
+def _require_json(request: Request) -> None:
+    """Refuse a write whose body is not declared JSON.
+
+    A page on another site can send a plain form or text POST to a server on loopback
+    without asking; a JSON one needs a CORS preflight, which this server never grants.
+    """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise Refused(
+            415,
+            "send the body as JSON (Content-Type: application/json), even an empty one",
+            "Content-Type",
+        )
+
+
 def _text(value: float | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -497,6 +514,7 @@ def _doc(
     if body is not None:
         responses[403] = _error_response("the caller is not an operator")
         responses[400] = _error_response("the body is not JSON")
+        responses[415] = _error_response("the body is not declared application/json")
     for status in errors:
         responses[status] = _error_response(
             {404: "not found", 409: "not possible in the current state", 503: "unavailable"}[status]
