@@ -50,6 +50,7 @@ import yaml
 
 from benchmarks.latency import LiveSchedule
 from benchmarks.results import write_results
+from benchmarks.throughput import bench_env
 from benchmarks.workload import ASSET_TYPE, WorkloadConfig, twin_model
 from connectors.kafka import ensure_topics, reliable_producer
 from schemas.outputs import (
@@ -684,13 +685,8 @@ class ServedTwin:
 
 def server_env(settings: Settings, model: Path, topics: TopicSettings, port: int) -> dict[str, str]:
     """The server's environment: no inherited TWINFLOW_*, the bench's model, topics, port."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
+    env = bench_env(settings, model)
     env.update(
-        PYTHONPATH=str(ROOT),
-        TWINFLOW_STATE_DIR=str(settings.state_dir),
-        TWINFLOW_TWIN_MODEL=str(model),
-        TWINFLOW_KAFKA__PORT=str(settings.kafka.port),
-        TWINFLOW_QUESTDB__HTTP_PORT=str(settings.questdb.http_port),
         TWINFLOW_TOPICS__STATE=topics.state,
         TWINFLOW_TOPICS__ALARMS=topics.alarms,
         TWINFLOW_TOPICS__FEEDBACK=topics.feedback,

@@ -516,6 +516,22 @@ def produce_workload(
     return start_ms
 
 
+def bench_env(settings: Settings, model: Path) -> dict[str, str]:
+    """A twinflow process's environment: the local services, the benchmark's model.
+
+    Nothing inherited from TWINFLOW_*: a developer's settings must not leak in.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        TWINFLOW_STATE_DIR=str(settings.state_dir),
+        TWINFLOW_TWIN_MODEL=str(model),
+        TWINFLOW_KAFKA__PORT=str(settings.kafka.port),
+        TWINFLOW_QUESTDB__HTTP_PORT=str(settings.questdb.http_port),
+    )
+    return env
+
+
 def twinflow_env(
     settings: Settings,
     config: WorkloadConfig,
@@ -527,13 +543,8 @@ def twinflow_env(
     recovery_dir: Path,
 ) -> dict[str, str]:
     """The environment of a ``twinflow run`` over the workload: own outputs, own store."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
+    env = bench_env(settings, model)
     env.update(
-        PYTHONPATH=str(ROOT),
-        TWINFLOW_STATE_DIR=str(settings.state_dir),
-        TWINFLOW_TWIN_MODEL=str(model),
-        TWINFLOW_KAFKA__PORT=str(settings.kafka.port),
-        TWINFLOW_QUESTDB__HTTP_PORT=str(settings.questdb.http_port),
         TWINFLOW_TOPICS__RAW=raw_topic,
         TWINFLOW_TOPICS__DEADLETTER=f"bench.deadletter.{prefix}",
         TWINFLOW_TOPICS__STATE=f"bench.state.{prefix}",

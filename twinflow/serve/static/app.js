@@ -518,20 +518,14 @@
     );
   }
 
+  function tableHead(headers) {
+    return el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col" }, h))));
+  }
+
   function contributionsTable(contributions) {
     return el("table", { class: "contributions" }, [
       el("caption", { class: "sr-only" }, "What explains the alarm"),
-      el(
-        "thead",
-        {},
-        el(
-          "tr",
-          {},
-          ["sensor", "feature", "value", "expected", "share"].map((h) =>
-            el("th", { scope: "col" }, h),
-          ),
-        ),
-      ),
+      tableHead(["sensor", "feature", "value", "expected", "share"]),
       el(
         "tbody",
         {},
@@ -679,27 +673,10 @@
         el("section", { "aria-labelledby": "es-title" }, [
           el("h3", { id: "es-title" }, "Sensors"),
           el("table", { class: "sensors" }, [
-            el(
-              "thead",
-              {},
-              el(
-                "tr",
-                {},
-                [
-                  "sensor",
-                  "value",
-                  "at",
-                  "quality",
-                  "window",
-                  "mean",
-                  "min",
-                  "max",
-                  "std",
-                  "slope/s",
-                  "flagged",
-                ].map((h) => el("th", { scope: "col" }, h)),
-              ),
-            ),
+            tableHead([
+              "sensor", "value", "at", "quality", "window", "mean", "min", "max", "std",
+              "slope/s", "flagged",
+            ]),
             parts.sensors,
           ]),
         ]),
@@ -877,17 +854,7 @@
     if (!forecasts.length)
       return el("p", { class: "muted" }, "No sensor is trending towards a limit.");
     return el("table", {}, [
-      el(
-        "thead",
-        {},
-        el(
-          "tr",
-          {},
-          ["sensor", "limit", "level", "trend", "time to limit"].map((h) =>
-            el("th", { scope: "col" }, h),
-          ),
-        ),
-      ),
+      tableHead(["sensor", "limit", "level", "trend", "time to limit"]),
       el(
         "tbody",
         {},
