@@ -155,3 +155,28 @@ def test_loading_the_settings_does_not_load_the_detection_models() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
     )
     assert result.stdout.strip() == "False"
+
+
+def test_serve_off_loopback_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWINFLOW_SERVE__HOST", "0.0.0.0")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert "serve.host 0.0.0.0 is reachable from other machines: set serve.token" in str(
+        refused.value
+    )
+    monkeypatch.setenv("TWINFLOW_SERVE__TOKEN", "s3cret-operator-token")
+    assert load_settings().serve.secured
+
+
+def test_serve_tokens_are_never_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWINFLOW_SERVE__USERS__ANN__TOKEN", "tooshort")
+    monkeypatch.setenv("TWINFLOW_SERVE__USERS__ANN__ROLE", "viewer")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "serve.users.ann.token (env TWINFLOW_SERVE__USERS__ANN__TOKEN)" in message
+    assert "tooshort" not in message and "**********" in message
+    monkeypatch.setenv("TWINFLOW_SERVE__USERS__ANN__ROLE", "admin")
+    monkeypatch.setenv("TWINFLOW_SERVE__USERS__ANN__TOKEN", "a-long-enough-token")
+    with pytest.raises(ConfigError, match=r"serve\.users\.ann\.role"):
+        load_settings()
