@@ -692,6 +692,8 @@ def server_env(settings: Settings, model: Path, topics: TopicSettings, port: int
         TWINFLOW_TOPICS__FEEDBACK=topics.feedback,
         TWINFLOW_TOPICS__COMMANDS=topics.commands,
         TWINFLOW_SERVE__PORT=str(port),
+        # Metrics on, as in production, on a port no other twinflow process holds.
+        TWINFLOW_METRICS__SERVE_PORT=str(_free_port()),
     )
     return env
 

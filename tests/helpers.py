@@ -205,12 +205,13 @@ def clean_env(**settings: str) -> dict[str, str]:
     bridge a test starts never collides with another one (or with a running demo).
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith("TWINFLOW_")}
-    flow, mqtt_bridge, opcua_bridge = free_ports(3)
+    flow, mqtt_bridge, opcua_bridge, serve = free_ports(4)
     env.update(
         {
             "TWINFLOW_METRICS__FLOW_PORT": str(flow),
             "TWINFLOW_METRICS__MQTT_BRIDGE_PORT": str(mqtt_bridge),
             "TWINFLOW_METRICS__OPCUA_BRIDGE_PORT": str(opcua_bridge),
+            "TWINFLOW_METRICS__SERVE_PORT": str(serve),
         }
     )
     env.update({f"TWINFLOW_{key.upper()}": value for key, value in settings.items()})

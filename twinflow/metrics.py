@@ -150,6 +150,30 @@ bridge_reconnects = Counter(
 )
 
 
+# The twin API (`twinflow serve`).
+serve_requests = Counter(
+    "twinflow_serve_requests",
+    "API requests answered, by route template and HTTP status",
+    ["route", "status"],
+)
+serve_request_seconds = Histogram(
+    "twinflow_serve_request_seconds",
+    "Time from a request's arrival to its answer's start, by route template",
+    ["route"],
+    buckets=_SECONDS,
+)
+serve_sse_clients = Gauge("twinflow_serve_sse_clients", "Open Server-Sent Event streams")
+serve_records = Counter(
+    "twinflow_serve_records_read",
+    "Records of twin.state and twin.alarms the live view read, by topic",
+    ["topic"],
+)
+serve_caught_up = Gauge(
+    "twinflow_serve_caught_up",
+    "1 once the live view has read its topics up to where they ended at start",
+)
+
+
 @contextmanager
 def serving(settings: MetricsSettings, port: int, setting: str) -> Iterator[str | None]:
     """Serve ``/metrics`` on ``settings.host:port`` while the block runs; yield its URL.

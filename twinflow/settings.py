@@ -488,6 +488,7 @@ class MetricsSettings(_Section):
     )
     mqtt_bridge_port: Port = _port(9240, "/metrics of `twinflow bridge mqtt`")
     opcua_bridge_port: Port = _port(9241, "/metrics of `twinflow bridge opcua`")
+    serve_port: Port = _port(9242, "/metrics of `twinflow serve`")
     prometheus_port: Port = _port(9090, "the local Prometheus (twinflow up): UI and API")
     scrape_interval_s: int = Field(
         default=5, ge=1, le=300, description="how often the local Prometheus scrapes"
@@ -615,6 +616,7 @@ class Settings(BaseSettings):
             "metrics.flow_port": metrics.flow_port,
             "metrics.mqtt_bridge_port": metrics.mqtt_bridge_port,
             "metrics.opcua_bridge_port": metrics.opcua_bridge_port,
+            "metrics.serve_port": metrics.serve_port,
             "serve.port": self.serve.port,
         }
         for name, port in {**self.local_ports(), **endpoints}.items():

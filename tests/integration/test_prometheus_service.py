@@ -97,7 +97,9 @@ def test_prometheus_scrapes_the_flow_endpoint_and_stops_by_pid(prometheus: Setti
             if up:
                 break
             time.sleep(0.5)
-        assert set(jobs) == {"twinflow-flow", "twinflow-bridges", "prometheus"}, jobs
+        assert set(jobs) == {"twinflow-flow", "twinflow-bridges", "twinflow-serve", "prometheus"}, (
+            jobs
+        )
         assert flow_target in jobs["twinflow-flow"]
         assert [sample["metric"]["instance"] for sample in up] == [flow_target], up
         scraped = _api(prometheus, "/api/v1/query", query="twinflow_test_ticks_total")["result"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from connectors.questdb import QuestDBHttp
-from tests.helpers import consume_all, wait_for_wal
+from tests.helpers import consume_all, free_ports, sample, scrape, wait_for_wal
 from tests.integration.served import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
@@ -151,6 +153,62 @@ def test_an_entity_carries_sensors_windows_setpoints_and_its_alarm(
     )
     assert series["windows"], "window bands"
     assert [span["alarm_id"] for span in series["alarms"]] == [active["alarm_id"]]
+
+
+def test_a_second_server_side_by_side_serves_the_same_plant(
+    plant: ServedPlant, settled: dict[str, Any], tmp_path: Path
+) -> None:
+    """No consumer group: a second server reads the topics whole, beside the first."""
+    port, metrics_port = free_ports(2)
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **plant.env,
+        "TWINFLOW_SERVE__PORT": str(port),
+        "TWINFLOW_METRICS__SERVE_PORT": str(metrics_port),
+    }
+    with (tmp_path / "second.log").open("a") as out:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "twinflow", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def caught_up() -> bool:
+            assert second.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
+            try:
+                status, health = request(url + "/api/v1/health", token=None)
+            except OSError:
+                return False
+            return status == 200 and bool(health["caught_up"])
+
+        _wait(caught_up, plant, "the second server to read the topics")
+
+        def twins(base: str) -> list[tuple[object, ...]]:
+            _, tree = request(base + "/api/v1/plant")
+            return [(e["id"], e["own_status"], e["active_alarms"]) for e in _entities(tree)]
+
+        # The trees may be up to a second old; equal once both have caught up.
+        _wait(lambda: twins(url) == twins(plant.url), plant, "the same plant", timeout_s=30)
+        assert len(twins(url)) == len(load_twin_model(MODEL).entities)
+    finally:
+        second.terminate()
+        second.wait(30)
+
+
+def test_requests_and_streams_are_counted_in_metrics(
+    plant: ServedPlant, settled: dict[str, Any]
+) -> None:
+    assert plant.get("/api/v1/entities/pump-001")[0] == 200
+    assert request(plant.url + "/api/v1/plant", token=None)[0] == 401
+    samples = scrape(int(plant.env["TWINFLOW_METRICS__SERVE_PORT"]))
+    entity = {"route": "/api/v1/entities/{id}", "status": "200"}
+    assert sample(samples, "twinflow_serve_requests_total", **entity) >= 1
+    assert sample(samples, "twinflow_serve_requests_total", route="unrouted", status="401") >= 1
+    assert sample(samples, "twinflow_serve_caught_up") == 1
+    state_topic = plant.flow.env["TWINFLOW_TOPICS__STATE"]
+    assert sample(samples, "twinflow_serve_records_read_total", topic=state_topic) >= 60
 
 
 def test_tokens_and_roles_are_enforced(plant: ServedPlant) -> None:

@@ -245,6 +245,7 @@ def test_prometheus_scrapes_every_twinflow_process_on_its_metrics_port() -> None
         "flow": defaults.flow_port,
         "bridge-mqtt": defaults.mqtt_bridge_port,
         "bridge-opcua": defaults.opcua_bridge_port,
+        "serve": defaults.serve_port,
     }
     config = yaml.safe_load((INFRA / "prometheus" / "compose.yml").read_text())
     targets = {
@@ -258,12 +259,7 @@ def test_prometheus_scrapes_every_twinflow_process_on_its_metrics_port() -> None
     for name in ports:
         # Scraped across the compose network, so the endpoint must not bind loopback.
         assert services[name]["environment"]["TWINFLOW_METRICS__HOST"] == "0.0.0.0"
-    # `twinflow serve` has no /metrics endpoint (yet): the others are scraped.
-    workloads = [
-        doc
-        for doc in _kind("StatefulSet") + _kind("Deployment")
-        if doc["metadata"]["labels"]["app.kubernetes.io/component"] != "serve"
-    ]
+    workloads = _kind("StatefulSet") + _kind("Deployment")
     assert len(workloads) == len(ports)
     for doc in workloads:
         component = doc["metadata"]["labels"]["app.kubernetes.io/component"]

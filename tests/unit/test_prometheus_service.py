@@ -30,12 +30,13 @@ def _targets(config: dict[str, Any]) -> dict[str, list[str]]:
     }
 
 
-def test_config_scrapes_flow_processes_bridges_and_itself(tmp_path: Path) -> None:
+def test_config_scrapes_flow_processes_bridges_serve_and_itself(tmp_path: Path) -> None:
     settings = _settings(
         tmp_path,
         flow_port=19250,
         mqtt_bridge_port=19261,
         opcua_bridge_port=19262,
+        serve_port=19263,
         prometheus_port=19090,
         scrape_interval_s=7,
     )
@@ -44,6 +45,7 @@ def test_config_scrapes_flow_processes_bridges_and_itself(tmp_path: Path) -> Non
     assert _targets(config) == {
         "twinflow-flow": [f"127.0.0.1:{port}" for port in (19250, 19251, 19252, 19253)],
         "twinflow-bridges": ["127.0.0.1:19261", "127.0.0.1:19262"],
+        "twinflow-serve": ["127.0.0.1:19263"],
         "prometheus": ["127.0.0.1:19090"],
     }
 

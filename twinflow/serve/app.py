@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from connectors.questdb import QuestDBError, QuestDBHttp
 from schemas import control
@@ -38,7 +38,7 @@ from schemas.serve import (
     SetpointBody,
     VerdictBody,
 )
-from twinflow import operations
+from twinflow import metrics, operations
 from twinflow.errors import TwinflowError
 from twinflow.plant import PlantView
 from twinflow.serve import history
@@ -167,6 +167,7 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
 
     if serve.secured:
         app.add_middleware(_TokenGuard, check=caller, open_paths=open_paths)
+    app.add_middleware(_Measured)  # outermost: refusals by the guard count too
 
     @app.get(
         f"{API}/plant",
@@ -336,6 +337,7 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
     )
     async def events() -> StreamingResponse:
         queue = live.subscribe()
+        metrics.serve_sse_clients.inc()
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -354,6 +356,7 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
                         return
             finally:
                 live.unsubscribe(queue)
+                metrics.serve_sse_clients.dec()
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -403,6 +406,29 @@ def _add_verdict_route(
             ok=202,
         ),
     )(route)
+
+
+class _Measured:
+    """Counts and times API requests by route template (plain ASGI, like the guard)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(API):
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+
+        async def answering(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Set by the router; a request refused before routing has none.
+                route = getattr(scope.get("route"), "path", "unrouted")
+                metrics.serve_request_seconds.labels(route).observe(time.perf_counter() - began)
+                metrics.serve_requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, answering)
 
 
 class _TokenGuard:

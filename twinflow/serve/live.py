@@ -20,6 +20,7 @@ import msgspec
 from connectors.questdb import QuestDBError, QuestDBHttp
 from connectors.topic_reader import TopicReader
 from schemas.outputs import Alarm, TwinState
+from twinflow import metrics
 from twinflow.plant import PlantView
 from twinflow.serve.history import latest_windows
 from twinflow.settings import Settings
@@ -78,6 +79,7 @@ class LiveTwin:
     def start(self) -> None:
         """Start reading the topics and QuestDB."""
         self._reader.start()
+        metrics.serve_caught_up.set(self.caught_up)
         self._windows_thread.start()
 
     def stop(self) -> None:
@@ -114,6 +116,7 @@ class LiveTwin:
             self._apply(topic, values[start : start + _SLICE])
 
     def _apply(self, topic: str, values: Sequence[bytes]) -> None:
+        metrics.serve_records.labels(topic).inc(len(values))
         events: list[bytes] = []
         is_state = topic == self.settings.topics.state
         with self._lock:
@@ -132,6 +135,7 @@ class LiveTwin:
                     self.skipped += 1
                     log.warning("skipped a record of %s that is not a v1 message: %s", topic, exc)
             subscribers = list(self._subscribers)
+        metrics.serve_caught_up.set(self.caught_up)
         if not events:
             return
         # Encoded once for all subscribers, handed over as one chunk per slice.

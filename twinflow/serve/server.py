@@ -8,6 +8,7 @@ from pathlib import Path
 import uvicorn
 
 from connectors.kafka import ensure_topics
+from twinflow import metrics
 from twinflow.serve.app import create_app
 from twinflow.serve.live import LiveTwin
 from twinflow.settings import Settings
@@ -51,4 +52,5 @@ def run_server(settings: Settings, model: TwinModel) -> None:
     """Serve until SIGINT or SIGTERM."""
     server = build_server(settings, model)
     log.info("twinflow serve at %s", url(settings))
-    server.run()
+    with metrics.serving(settings.metrics, settings.metrics.serve_port, "serve_port"):
+        server.run()

@@ -41,6 +41,7 @@ class PrometheusService(LocalService):
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal in host:port
         bridge_ports = [metrics.mqtt_bridge_port, metrics.opcua_bridge_port]
+        serve_ports = [metrics.serve_port]
         flow_ports = [metrics.flow_port]
         if metrics.per_process_port:
             flow_ports += [metrics.flow_port + i for i in range(1, LOCAL_CLUSTER_PROCESSES)]
@@ -50,6 +51,7 @@ class PrometheusService(LocalService):
             "scrape_configs": [
                 _job("twinflow-flow", [f"{host}:{port}" for port in flow_ports]),
                 _job("twinflow-bridges", [f"{host}:{port}" for port in bridge_ports]),
+                _job("twinflow-serve", [f"{host}:{port}" for port in serve_ports]),
                 _job("prometheus", [f"127.0.0.1:{metrics.prometheus_port}"]),
             ],
         }
