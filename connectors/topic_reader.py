@@ -61,6 +61,7 @@ class TopicReader:
         self._stop = threading.Event()
         self.caught_up = threading.Event()
         self.error: str | None = None
+        """The last error reading the topics, until a record is read again."""
         self._behind: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._run, name="topic-reader", daemon=True)
 
@@ -106,8 +107,8 @@ class TopicReader:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # consume() waits out its whole timeout unless 5000 records come first: the
-            # timeout is how late a change following the topic is seen (0.2 s: ~150 ms).
+            # consume() waits out its whole timeout unless 5000 records come first, so
+            # the timeout bounds how late a change is seen.
             messages = self._consumer.consume(num_messages=5000, timeout=0.02)
             batches: dict[str, list[bytes]] = {}
             ends = []
@@ -120,6 +121,7 @@ class TopicReader:
                     self.error = str(error)
                     log.warning("reading %s failed: %s", message.topic(), error)
                     continue
+                self.error = None  # reading again
                 value = message.value()
                 if value is not None:
                     batches.setdefault(message.topic() or "", []).append(value)

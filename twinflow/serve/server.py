@@ -9,7 +9,7 @@ import uvicorn
 
 from connectors.kafka import ensure_topics
 from twinflow import metrics
-from twinflow.serve.app import create_app
+from twinflow.serve.app import create_app, served
 from twinflow.serve.live import LiveTwin
 from twinflow.settings import Settings
 from twinflow.topics import control_topics, output_topics
@@ -38,7 +38,7 @@ def build_server(settings: Settings, model: TwinModel) -> uvicorn.Server:
     )
     app = create_app(settings, LiveTwin(settings, model), viewer_assets(settings))
     config = uvicorn.Config(
-        app,
+        served(app),
         host=settings.serve.host,
         port=settings.serve.port,
         log_level=settings.log_level.lower(),
