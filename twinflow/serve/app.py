@@ -51,7 +51,6 @@ API = "/api/v1"
 TOKEN_COOKIE = "twinflow_token"  # noqa: S105 - the cookie's name
 _HOUR_MS = 3_600_000
 KEEPALIVE_S = 15.0
-PLANT_MAX_AGE_S = 1.0
 
 Role = Literal["viewer", "operator"]
 T = TypeVar("T")
@@ -76,10 +75,9 @@ class Caller:
 
 @dataclass(slots=True)
 class _Built:
-    """An encoded answer and the view version it was built from, and when."""
+    """An encoded answer and the view version it was built from."""
 
     version: int
-    at: float
     answer: bytes
 
 
@@ -124,7 +122,7 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
     for user_name, user in serve.users.items():
         tokens[user.token.get_secret_value()] = Caller(user_name, user.role)
     # Answers encoded once per change: reads outnumber changes by far.
-    plant_cache = _Built(version=-1, at=0.0, answer=b"")
+    plant_cache = _Built(version=-1, answer=b"")
     entity_cache: dict[str, tuple[tuple[int, int], bytes]] = {}
     open_paths = {f"{API}/openapi.json", f"{API}/health"}
     anyone = Caller(getpass.getuser(), "operator")  # every caller of an open server
@@ -169,24 +167,15 @@ def create_app(settings: Settings, live: LiveTwin, vendor_dir: Path | None = Non
     app.state.token_check = caller if serve.secured else None
     app.state.open_paths = open_paths
 
-    @app.get(
-        f"{API}/plant",
-        **_doc(
-            PlantNode,
-            f"The plant tree with rolled-up status (at most {PLANT_MAX_AGE_S:g} s old; the "
-            "events say what changed since).",
-        ),
-    )
+    @app.get(f"{API}/plant", **_doc(PlantNode, "The plant tree with rolled-up status."))
     async def plant() -> Response:
         def encoded(view: PlantView) -> bytes:
-            # Rebuilding the tree of a large plant takes tens of ms on the event loop;
-            # while states change many times a second, once a second is enough.
-            built, now = plant_cache, time.monotonic()
-            stale = built.version != view.version
-            if stale and (not built.answer or now - built.at >= PLANT_MAX_AGE_S):
-                built.version, built.at = view.version, now
-                built.answer = msgspec.json.encode(view.tree())
-            return built.answer
+            # Never older than the view: a page that reads the tree after an event must
+            # not see the state before it.
+            if plant_cache.version != view.version or not plant_cache.answer:
+                plant_cache.version = view.version
+                plant_cache.answer = msgspec.json.encode(view.tree())
+            return plant_cache.answer
 
         return Response(live.read(encoded), media_type="application/json")
 
