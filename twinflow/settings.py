@@ -81,7 +81,7 @@ class KafkaSettings(_Section):
         pattern=r"^(PLAINTEXT|SASL_PLAINTEXT|SASL_SSL)$",
         description=(
             "PLAINTEXT, SASL_PLAINTEXT or SASL_SSL; the local broker (twinflow up) runs "
-            "PLAINTEXT or SASL_PLAINTEXT"
+            "PLAINTEXT or SASL_PLAINTEXT on port, and SASL_SSL on ssl_port when that is set"
         ),
     )
     sasl_mechanism: str = Field(
@@ -98,7 +98,21 @@ class KafkaSettings(_Section):
         default=None, validate_default=True, description="SCRAM password (needed with SASL_*)"
     )
     ssl_ca_file: Path | None = Field(
-        default=None, description="CA bundle for SASL_SSL; default: the system's CAs"
+        default=None,
+        description=(
+            "CA bundle for SASL_SSL; default: the system's CAs (the local broker's CA is "
+            "STATE_DIR/tls/ca.pem)"
+        ),
+    )
+    ssl_port: Port | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "SASL_SSL listener of the local broker beside port, with a certificate from "
+            "twinflow's private CA (twinflow up writes it to STATE_DIR/tls); SASL_SSL "
+            "clients of the local broker connect here. Unset: no TLS listener"
+        ),
     )
 
     @field_validator("sasl_username", "sasl_password")
@@ -114,15 +128,49 @@ class KafkaSettings(_Section):
             raise ValueError(f"security_protocol {protocol} needs a SCRAM {what}: set {env}")
         return value
 
+    @model_validator(mode="after")
+    def _tls_listener(self) -> Self:
+        kafka = f"{ENV_PREFIX}KAFKA{ENV_NESTED_DELIMITER}"
+        if self.ssl_port is not None and not self.sasl:
+            # SASL_SSL clients log in with SCRAM: the storage needs its users.
+            raise ValueError(
+                f"{kafka}SSL_PORT (a SASL_SSL listener) needs SCRAM users: set "
+                f"{kafka}SECURITY_PROTOCOL=SASL_SSL with {kafka}SASL_USERNAME and "
+                f"{kafka}SASL_PASSWORD, or unset {kafka}SSL_PORT"
+            )
+        if self.ssl_port is not None and self.ssl_port == self.port:
+            raise ValueError(f"{kafka}SSL_PORT must differ from {kafka}PORT ({self.port})")
+        local_tls = self.ssl_port is not None and self.bootstrap_servers is None
+        if local_tls and self.security_protocol == "SASL_SSL" and self.ssl_ca_file is None:
+            # The system's CAs never trust twinflow's private CA: every client would fail.
+            raise ValueError(
+                f"the local broker's SASL_SSL listener ({kafka}SSL_PORT) has a certificate "
+                f"from twinflow's private CA: set {kafka}SSL_CA_FILE to STATE_DIR/tls/ca.pem "
+                "(twinflow up writes it)"
+            )
+        return self
+
     @property
     def sasl(self) -> bool:
         """Whether clients authenticate with SASL/SCRAM."""
         return self.security_protocol.startswith("SASL_")
 
     @property
+    def tls(self) -> bool:
+        """Whether clients speak TLS to the broker."""
+        return self.security_protocol == "SASL_SSL"
+
+    @property
     def bootstrap(self) -> str:
-        """The ``bootstrap.servers`` string clients use."""
-        return self.bootstrap_servers or f"127.0.0.1:{self.port}"
+        """The ``bootstrap.servers`` string clients use.
+
+        >>> KafkaSettings().bootstrap
+        '127.0.0.1:9092'
+        """
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        port = self.ssl_port if self.tls and self.ssl_port is not None else self.port
+        return f"127.0.0.1:{port}"
 
 
 class QuestDBSettings(_Section):
@@ -136,8 +184,15 @@ class QuestDBSettings(_Section):
     table_prefix: str = Field(
         default="", pattern=r"^[a-z0-9_]*$", description="prefix of every table the flow writes"
     )
-    pg_user: str = "admin"
-    pg_password: SecretStr = SecretStr("quest")
+    # PG wire logins (Grafana, psql); the flow itself writes over ILP/HTTP.
+    pg_user: str = Field(
+        default="admin", min_length=1, description="PG wire user; the local server's pg.user"
+    )
+    pg_password: SecretStr = Field(
+        default=SecretStr("quest"),
+        min_length=1,
+        description="PG wire password; the local server's pg.password (change the default)",
+    )
     # HTTP basic auth (REST, ILP over HTTP, console). The password comes first so the
     # username's check (run on the default too) sees it; a validation error echoes its
     # input, so only the username's or an empty password's error can be raised.
@@ -214,9 +269,24 @@ class MqttSettings(_Section):
     port: Port = _port(1883, "MQTT listener of the local broker")
     username: str | None = None
     password: SecretStr | None = None
-    tls_ca_file: Path | None = Field(default=None, description="CA bundle; enables TLS")
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description=(
+            "CA bundle; set, twinflow's clients speak TLS (to tls_port when that is set). "
+            "The local broker's CA is STATE_DIR/tls/ca.pem"
+        ),
+    )
     tls_cert_file: Path | None = Field(default=None, description="client certificate (mTLS)")
     tls_key_file: Path | None = Field(default=None, description="client private key (mTLS)")
+    tls_port: Port | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "TLS listener of the local broker beside port, with a certificate from "
+            "twinflow's private CA (twinflow up writes it to STATE_DIR/tls). Unset: none"
+        ),
+    )
     bridge_client_id: str = Field(
         default="twinflow-mqtt-bridge",
         min_length=1,
@@ -260,6 +330,41 @@ class MqttSettings(_Section):
         if any(char.isspace() for char in str(path)):
             raise ValueError(f"{env}={path}: Mosquitto cannot read a path with spaces")
         return path
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Self:
+        mqtt = f"{ENV_PREFIX}MQTT{ENV_NESTED_DELIMITER}"
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"a client certificate needs its key: set both or neither of "
+                f"{mqtt}TLS_CERT_FILE and {mqtt}TLS_KEY_FILE"
+            )
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError(
+                f"{mqtt}TLS_CERT_FILE is only sent over TLS: set {mqtt}TLS_CA_FILE to the "
+                "CA of the broker's certificate"
+            )
+        if self.tls_port is not None and self.tls_port == self.port:
+            raise ValueError(f"{mqtt}TLS_PORT must differ from {mqtt}PORT ({self.port})")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether twinflow's clients speak TLS to the broker."""
+        return self.tls_ca_file is not None
+
+    @property
+    def client_port(self) -> int:
+        """The port twinflow's clients connect to: the TLS listener when they speak TLS.
+
+        >>> MqttSettings(port=1883, tls_port=8883).client_port
+        1883
+        >>> MqttSettings(port=1883, tls_port=8883, tls_ca_file="ca.pem").client_port
+        8883
+        """
+        if self.tls and self.tls_port is not None:
+            return self.tls_port
+        return self.port
 
     @model_validator(mode="after")
     def _broker_auth_complete(self) -> Self:
@@ -382,6 +487,12 @@ class FlowSettings(_Section):
         "alarm limit within this many hours (the lower bound of its time to limit)",
     )
     snapshot_interval_s: float = Field(default=10.0, gt=0, description="recovery snapshot interval")
+    sink_give_up_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="how long a sink waits out an unreachable QuestDB or Kafka (retrying "
+        "with back-off while the sources stop reading) before the flow stops",
+    )
     recovery_dir: Path | None = Field(
         default=None, description="recovery store (mode 0700); default STATE_DIR/recovery"
     )
@@ -540,6 +651,37 @@ class ServeSettings(_Section):
     command_expires_s: float = Field(
         default=60.0, gt=0, description="default expiry of a setpoint command sent by the API"
     )
+    ssl_certfile: Path | None = Field(
+        default=None,
+        description=(
+            "certificate chain (PEM) to serve HTTPS with, e.g. STATE_DIR/tls/server.pem "
+            "from twinflow up; unset: plain HTTP"
+        ),
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None, description="private key (PEM) of ssl_certfile, e.g. STATE_DIR/tls/server.key"
+    )
+
+    @field_validator("ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _absolute_tls_file(cls, path: Path | None) -> Path | None:
+        # `twinflow up serve` starts the server in another folder.
+        return path.expanduser().resolve() if path is not None else None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            serve = f"{ENV_PREFIX}SERVE{ENV_NESTED_DELIMITER}"
+            raise ValueError(
+                f"HTTPS needs a certificate and its key: set both or neither of "
+                f"{serve}SSL_CERTFILE and {serve}SSL_KEYFILE"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the server has a certificate, else ``http``."""
+        return "https" if self.ssl_certfile is not None else "http"
 
     @property
     def secured(self) -> bool:
@@ -556,6 +698,34 @@ class ServeSettings(_Section):
                 "(or serve.users) so requests need a token, or bind 127.0.0.1"
             )
         return self
+
+
+class TlsSettings(_Section):
+    """The private CA and server certificate ``twinflow up`` makes for TLS listeners.
+
+    They are made (in STATE_DIR/tls) when a local listener needs them: kafka.ssl_port
+    or mqtt.tls_port.
+    """
+
+    server_names: tuple[str, ...] = Field(
+        default=("localhost", "127.0.0.1"),
+        min_length=1,
+        description=(
+            "DNS names and IP addresses the server certificate is issued for; clients "
+            "must connect by one of them (a change issues a new certificate)"
+        ),
+    )
+
+    @field_validator("server_names")
+    @classmethod
+    def _plain_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not name or any(char.isspace() or char in ",/*" for char in name):
+                raise ValueError(
+                    f"{name!r} is not a host name or IP address; list names like "
+                    "localhost,127.0.0.1 in TWINFLOW_TLS__SERVER_NAMES"
+                )
+        return names
 
 
 class ServicesSettings(_Section):
@@ -601,6 +771,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     services: ServicesSettings = ServicesSettings()
     serve: ServeSettings = ServeSettings()
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("config_file", "state_dir", "lib_dir", "twin_model")
     @classmethod
@@ -627,7 +798,9 @@ class Settings(BaseSettings):
 
     def local_ports(self) -> dict[str, int]:
         """Every port the local services bind, by setting name."""
+        tls = {"kafka.ssl_port": self.kafka.ssl_port, "mqtt.tls_port": self.mqtt.tls_port}
         return {
+            **{name: port for name, port in tls.items() if port is not None},
             "kafka.port": self.kafka.port,
             "kafka.controller_port": self.kafka.controller_port,
             "questdb.http_port": self.questdb.http_port,

@@ -92,7 +92,7 @@ def mqtt_round_trip(settings: Settings, topic: str, payload: bytes, timeout_s: f
     client = new_client(settings.mqtt, client_id=f"twinflow-smoke-{uuid.uuid4().hex[:8]}")
     client.on_subscribe = lambda *_args: subscribed.set()
     client.on_message = lambda _c, _u, msg: received.set() if msg.payload == payload else None
-    client.connect(settings.mqtt.host, settings.mqtt.port)
+    client.connect(settings.mqtt.host, settings.mqtt.client_port)
     client.loop_start()
     try:
         client.subscribe(topic, qos=1)

@@ -27,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.kafka import ensure_topics, reliable_producer
 from connectors.mqtt import (
+    check_tls,
     login_hint,
     login_refused,
     message_expiry,
@@ -102,13 +103,6 @@ class MqttBridge:
     def _new_client(self) -> mqtt.Client:
         client = new_client(self.settings.mqtt, self.settings.mqtt.bridge_client_id)
         client.manual_ack_set(True)
-        mqtt_settings = self.settings.mqtt
-        if mqtt_settings.tls_ca_file is not None:
-            client.tls_set(
-                ca_certs=str(mqtt_settings.tls_ca_file),
-                certfile=str(mqtt_settings.tls_cert_file) if mqtt_settings.tls_cert_file else None,
-                keyfile=str(mqtt_settings.tls_key_file) if mqtt_settings.tls_key_file else None,
-            )
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -126,12 +120,13 @@ class MqttBridge:
         stop = stop or threading.Event()
         topics = self.settings.topics
         ensure_topics(self.settings.kafka, [*ingest_topics(topics), *control_topics(topics)])
+        check_tls(self.settings.mqtt)  # paho would retry a refused handshake forever
         properties = session_properties(
             self.settings.mqtt.session_expiry_s, self.settings.mqtt.receive_maximum
         )
         self._client.connect_async(
             self.settings.mqtt.host,
-            self.settings.mqtt.port,
+            self.settings.mqtt.client_port,
             keepalive=30,
             clean_start=False,
             properties=properties,

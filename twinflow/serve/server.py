@@ -9,8 +9,10 @@ import uvicorn
 
 from connectors.kafka import ensure_topics
 from twinflow import metrics
+from twinflow.errors import ConfigError
 from twinflow.serve.app import create_app, served
 from twinflow.serve.live import LiveTwin
+from twinflow.services.tls import local_certificates, tls_files
 from twinflow.settings import Settings
 from twinflow.topics import control_topics, output_topics
 from twinflow.twin_model import TwinModel
@@ -27,7 +29,28 @@ def url(settings: Settings) -> str:
     """The viewer page's address."""
     host = settings.serve.host
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{settings.serve.port}/"
+    return f"{settings.serve.scheme}://{shown}:{settings.serve.port}/"
+
+
+def tls_options(settings: Settings) -> tuple[str | None, str | None]:
+    """The certificate chain and key files to serve HTTPS with; None, None for HTTP.
+
+    Pointed at the local certificate (STATE_DIR/tls/server.pem and server.key), they are
+    made or renewed here like ``twinflow up`` does for the brokers.
+    """
+    serve = settings.serve
+    if serve.ssl_certfile is None or serve.ssl_keyfile is None:
+        return None, None
+    local = tls_files(settings.state_dir)
+    if (serve.ssl_certfile, serve.ssl_keyfile) == (local.chain, local.key):
+        local_certificates(settings.state_dir, settings.tls.server_names, log.info)
+    for name, path in (("SSL_CERTFILE", serve.ssl_certfile), ("SSL_KEYFILE", serve.ssl_keyfile)):
+        if not path.is_file():
+            raise ConfigError(
+                f"TWINFLOW_SERVE__{name}={path} is not an existing file; point it at a PEM "
+                f"file, or at {local.chain} and {local.key} to have twinflow make them"
+            )
+    return str(serve.ssl_certfile), str(serve.ssl_keyfile)
 
 
 def build_server(settings: Settings, model: TwinModel) -> uvicorn.Server:
@@ -36,6 +59,7 @@ def build_server(settings: Settings, model: TwinModel) -> uvicorn.Server:
     ensure_topics(
         settings.kafka, [*output_topics(settings.topics), *control_topics(settings.topics)]
     )
+    certfile, keyfile = tls_options(settings)
     app = create_app(settings, LiveTwin(settings, model), viewer_assets(settings))
     config = uvicorn.Config(
         served(app),
@@ -44,6 +68,8 @@ def build_server(settings: Settings, model: TwinModel) -> uvicorn.Server:
         log_level=settings.log_level.lower(),
         access_log=False,
         lifespan="on",
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
     )
     return uvicorn.Server(config)
 

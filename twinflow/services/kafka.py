@@ -27,9 +27,12 @@ from twinflow.services.provision import (
     resolve_java,
     resolve_tool,
 )
+from twinflow.services.tls import local_certificates, tls_files
+from twinflow.settings import KafkaSettings
 
 NODE_ID = 1
 SASL_LISTENER = "SASL_PLAINTEXT"
+TLS_LISTENER = "SASL_SSL"
 BROKER_USER = "twinflow-broker"
 """The local broker's own SCRAM user (inter-broker listener); its password is random."""
 SCRAM_ITERATIONS = 8192
@@ -90,17 +93,28 @@ class KafkaService(LocalService):
     name = "kafka"
 
     def ports(self) -> dict[str, int]:
-        """Client and controller listeners."""
+        """Client and controller listeners, and the SASL_SSL one when it is configured."""
         kafka = self.settings.kafka
-        return {"kafka.port": kafka.port, "kafka.controller_port": kafka.controller_port}
+        ports = {"kafka.port": kafka.port, "kafka.controller_port": kafka.controller_port}
+        if kafka.ssl_port is not None:
+            ports["kafka.ssl_port"] = kafka.ssl_port
+        return ports
 
     def endpoints(self) -> list[str]:
-        """The bootstrap address (and how clients authenticate)."""
+        """The bootstrap addresses (and how clients authenticate)."""
         kafka = self.settings.kafka
-        address = f"bootstrap 127.0.0.1:{kafka.port}"
-        if kafka.sasl:
-            address += f" ({kafka.security_protocol} {kafka.sasl_mechanism}, {kafka.sasl_username})"
-        return [address]
+        if not kafka.sasl:
+            return [f"bootstrap 127.0.0.1:{kafka.port}"]
+        login = f"{kafka.sasl_mechanism}, {kafka.sasl_username}"
+        addresses = [f"bootstrap 127.0.0.1:{kafka.port} ({SASL_LISTENER} {login})"]
+        if kafka.ssl_port is not None:
+            addresses.append(f"bootstrap 127.0.0.1:{kafka.ssl_port} ({TLS_LISTENER} {login})")
+        return addresses
+
+    @property
+    def _keystore(self) -> Path:
+        # Kafka's PEM key store: the server key and its chain in one file (mode 0600).
+        return self.home / "keystore.pem"
 
     @property
     def _sasl_file(self) -> Path:
@@ -149,7 +163,7 @@ class KafkaService(LocalService):
             "org.apache.kafka.common.security.scram.ScramLoginModule required "
             f'username="{BROKER_USER}" password="{broker_password}";'
         )
-        return {
+        properties: dict[str, Any] = {
             "listeners": (
                 f"{SASL_LISTENER}://127.0.0.1:{kafka.port},"
                 f"CONTROLLER://127.0.0.1:{kafka.controller_port}"
@@ -163,6 +177,42 @@ class KafkaService(LocalService):
             "sasl.mechanism.inter.broker.protocol": mechanism,
             f"listener.name.{SASL_LISTENER.lower()}.{mechanism.lower()}.sasl.jaas.config": login,
         }
+        if kafka.ssl_port is not None:
+            properties.update(self._tls_properties(properties, login))
+        return properties
+
+    def _tls_properties(self, sasl: dict[str, Any], login: str) -> dict[str, Any]:
+        """A SASL_SSL listener on ssl_port beside the SASL_PLAINTEXT one.
+
+        Inter-broker traffic stays on the loopback SASL_PLAINTEXT listener, so the broker
+        never checks its own certificate's names (tls.server_names may not list
+        127.0.0.1).
+        """
+        kafka = self.settings.kafka
+        files = tls_files(self.settings.state_dir.resolve())
+        mechanism = kafka.sasl_mechanism.lower()
+        listener = f"{TLS_LISTENER}://127.0.0.1:{kafka.ssl_port}"
+        return {
+            "listeners": f"{sasl['listeners']},{listener}",
+            "advertised.listeners": f"{sasl['advertised.listeners']},{listener}",
+            "listener.security.protocol.map": (
+                f"{sasl['listener.security.protocol.map']},{TLS_LISTENER}:SASL_SSL"
+            ),
+            f"listener.name.{TLS_LISTENER.lower()}.{mechanism}.sasl.jaas.config": login,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self._keystore.resolve()),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(files.ca),
+            "ssl.client.auth": "none",
+            "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
+        }
+
+    def _write_keystore(self, progress: Progress) -> None:
+        files = local_certificates(
+            self.settings.state_dir, self.settings.tls.server_names, progress
+        )
+        text = files.key.read_text() + files.chain.read_text()
+        write_private(self._keystore, text)
 
     def _sasl_credentials(self, formatted: bool) -> tuple[str, list[str]]:
         """The broker user's password and the ``--add-scram`` arguments for a format.
@@ -174,12 +224,12 @@ class KafkaService(LocalService):
         kafka = self.settings.kafka
         user = kafka.sasl_username or ""
         password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
-        if kafka.security_protocol != "SASL_PLAINTEXT":
+        if kafka.security_protocol == "SASL_SSL" and kafka.ssl_port is None:
             raise ServiceError(
                 f"the local broker runs PLAINTEXT or SASL_PLAINTEXT, not "
-                f"{kafka.security_protocol}; set TWINFLOW_KAFKA__SECURITY_PROTOCOL="
-                "SASL_PLAINTEXT, or point TWINFLOW_KAFKA__BOOTSTRAP_SERVERS at a TLS broker "
-                "and do not start the local one"
+                f"{kafka.security_protocol}, unless it has a TLS listener: set "
+                "TWINFLOW_KAFKA__SSL_PORT for a SASL_SSL listener beside kafka.port, or point "
+                "TWINFLOW_KAFKA__BOOTSTRAP_SERVERS at a TLS broker and do not start the local one"
             )
         if not _SCRAM_NAME.match(user) or user == BROKER_USER:
             raise ServiceError(
@@ -252,6 +302,8 @@ class KafkaService(LocalService):
         add_scram: list[str] = []
         if self.settings.kafka.sasl:
             broker_password, add_scram = self._sasl_credentials(formatted)
+        if self.settings.kafka.ssl_port is not None:
+            self._write_keystore(progress)
         config = self.home / "server.properties"
         write_private(config, self._server_properties(broker_password))
         classpath = f"{lib.resolve()}/*"
@@ -294,12 +346,36 @@ class KafkaService(LocalService):
         return [*java_argv, "kafka.Kafka", str(config)]
 
     def healthy(self) -> bool:
-        """A metadata request is answered with this broker in it."""
-        if not port_accepts(self.settings.kafka.port):
+        """Every client listener answers a metadata request with this broker in it.
+
+        The SASL_SSL one is asked over TLS.
+        """
+        kafka = self.settings.kafka
+        if kafka.ssl_port is None:
+            return _answers(kafka.port, kafka)
+        plain = kafka.model_copy(update={"security_protocol": SASL_LISTENER})
+        if not _answers(kafka.port, plain):
             return False
-        admin = AdminClient(client_config(self.settings.kafka))
-        try:
-            metadata = admin.list_topics(timeout=3)
-        except Exception:  # any failure means "not healthy yet"
-            return False
-        return bool(metadata.brokers)
+        secured = kafka.model_copy(
+            update={
+                "security_protocol": TLS_LISTENER,
+                "bootstrap_servers": f"127.0.0.1:{kafka.ssl_port}",
+                "ssl_ca_file": tls_files(self.settings.state_dir).ca,
+            }
+        )
+        # Trust exactly the local CA; the host name is the clients' business
+        # (tls.server_names), the listener's health is not.
+        return _answers(
+            kafka.ssl_port, secured, **{"ssl.endpoint.identification.algorithm": "none"}
+        )
+
+
+def _answers(port: int, kafka: KafkaSettings, **overrides: Any) -> bool:
+    if not port_accepts(port):
+        return False
+    try:
+        admin = AdminClient(client_config(kafka, **overrides))
+        metadata = admin.list_topics(timeout=3)
+    except Exception:  # any failure means "not healthy yet"
+        return False
+    return bool(metadata.brokers)

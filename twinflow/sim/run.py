@@ -28,7 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
-from connectors.mqtt import new_client
+from connectors.mqtt import closed_before_connack_hint, new_client, tls_refusal
 from schemas.control import Command, ControlError, decode_command
 from twinflow.errors import TwinflowError
 from twinflow.settings import Settings
@@ -108,14 +108,21 @@ class _MqttPublisher:
                 client.subscribe([(topic, qos1) for topic in self._command_topics])
             connected.set()
 
+        def on_disconnect(*_args: object) -> None:
+            if not connected.is_set():  # hung up before CONNACK: what a TLS port does to plain MQTT
+                failure.append(closed_before_connack_hint(self._settings.mqtt))
+                connected.set()
+
         self._client.on_connect = on_connect
+        self._client.on_disconnect = on_disconnect
         mqtt_settings = self._settings.mqtt
         try:
-            self._client.connect(mqtt_settings.host, mqtt_settings.port, keepalive=30)
+            self._client.connect(mqtt_settings.host, mqtt_settings.client_port, keepalive=30)
         except OSError as exc:
             raise SimulationError(
-                f"cannot reach MQTT broker at {mqtt_settings.host}:{mqtt_settings.port}: {exc} "
-                "(is it up? `twinflow up mosquitto`)"
+                tls_refusal(mqtt_settings, exc)
+                or f"cannot reach MQTT broker at {mqtt_settings.host}:{mqtt_settings.client_port}: "
+                f"{exc} (is it up? `twinflow up mosquitto`)"
             ) from None
         self._client.loop_start()
         if not connected.wait(10) or failure:
