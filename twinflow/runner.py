@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +12,6 @@ from bytewax.recovery import (
     MissingPartitionsError,
     NoPartitionsError,
     RecoveryConfig,
-    init_db_dir,
 )
 from bytewax.run import cli_main
 
@@ -25,8 +22,9 @@ from connectors.kafka_source import KafkaBatchSource
 from connectors.questdb import QuestDBHttp, ensure_table
 from connectors.questdb_sink import QuestDBSink
 from flows.twin import build_flow
-from twinflow.errors import ConfigError, TwinflowError, caused_by
+from twinflow.errors import TwinflowError, caused_by
 from twinflow.metrics import serving
+from twinflow.recovery_store import PARTITIONS, holds_partitions, prepare_store
 from twinflow.settings import Settings
 from twinflow.tables import tables
 from twinflow.topics import control_topics, ingest_topics, output_topics
@@ -34,8 +32,6 @@ from twinflow.twin import IncompatibleSnapshotError
 from twinflow.twin_model import TwinModel
 
 log = logging.getLogger("twinflow.run")
-RECOVERY_PARTITIONS = 4
-"""Recovery partitions created in a new store; any worker count can share them."""
 
 
 def prepare_outputs(settings: Settings) -> None:
@@ -50,41 +46,17 @@ def prepare_outputs(settings: Settings) -> None:
         ensure_table(sql, spec)
 
 
-def recovery_config(settings: Settings) -> RecoveryConfig | None:
-    """The recovery store (created private on first use), or None when recovery is off."""
+def recovery_config(settings: Settings, process_id: int | None = None) -> RecoveryConfig | None:
+    """The recovery store of process ``process_id`` (None: the only process), ready.
+
+    None when recovery is off. :mod:`twinflow.recovery_store` describes its layout.
+    """
     if not settings.flow.recovery:
         log.warning("recovery is off: a restart reprocesses the topic from the beginning")
         return None
-    store = settings.flow.recovery_dir or settings.state_dir / "recovery"
-    if not store.exists():
-        _create_store(store)
-    elif store.stat().st_mode & 0o077:
-        raise ConfigError(
-            f"recovery store {store} is readable by others; its snapshots are pickles. "
-            f"Run chmod 700 {store}"
-        )
+    store = _store(settings)
+    prepare_store(store, process_id)
     return RecoveryConfig(str(store))
-
-
-def _create_store(store: Path) -> None:
-    """Create the store whole, or take the one another process of the cluster made.
-
-    The processes of a cluster start together and each finds no store: each builds one
-    beside it and renames it into place, which only the first rename does.
-    """
-    store.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{store.name}-", dir=store.parent))
-    try:  # mkdtemp makes it private (0700): snapshots are pickles
-        init_db_dir(building, RECOVERY_PARTITIONS)
-        building.rename(store)
-    except OSError:
-        if not store.is_dir():
-            raise
-        log.info("recovery store %s was created by another process", store)
-    else:
-        log.info("created recovery store %s (%d partitions)", store, RECOVERY_PARTITIONS)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
 
 
 def run_flow(
@@ -103,6 +75,8 @@ def run_flow(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     port = settings.metrics.flow_process_port(process_id)
     with serving(settings.metrics, port, "flow_port"):
+        # Before anything else: a store this twinflow cannot read stops it at once.
+        recovery = recovery_config(settings, process_id)
         prepare_outputs(settings)
         flow = build_flow(
             settings,
@@ -120,10 +94,9 @@ def run_flow(
                 settings.topics.commands,
                 settings.flow.back_channel_margin_s,
             ),
-            questdb_sink=QuestDBSink(settings.questdb),
-            kafka_sink=KafkaOutputSink(settings.kafka),
+            questdb_sink=QuestDBSink(settings.questdb, give_up_s=settings.flow.sink_give_up_s),
+            kafka_sink=KafkaOutputSink(settings.kafka, give_up_s=settings.flow.sink_give_up_s),
         )
-        recovery = recovery_config(settings)
         try:
             cli_main(
                 flow,
@@ -134,11 +107,7 @@ def run_flow(
                 recovery_config=recovery,
             )
         except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
-            raise TwinflowError(
-                f"the recovery store {_store(settings)} is damaged ({exc}). Restore it from "
-                "a backup, or move it away to start over from the beginning of the topics "
-                "(outputs are idempotent, so reprocessing rewrites the same rows)."
-            ) from None
+            raise TwinflowError(_damaged(settings, process_id, exc)) from None
         except Exception as exc:
             # Bytewax wraps what a step raised; the twins raise this when resuming.
             incompatible = caused_by(exc, IncompatibleSnapshotError)
@@ -149,3 +118,23 @@ def run_flow(
 
 def _store(settings: Settings) -> Path:
     return settings.flow.recovery_dir or settings.state_dir / "recovery"
+
+
+def _damaged(settings: Settings, process_id: int | None, exc: Exception) -> str:
+    store = _store(settings)
+    if process_id is None:
+        where = f"the recovery store {store} is damaged ({exc})."
+    else:
+        keeper = "this process's" if holds_partitions(process_id) else "process 0's"
+        where = (
+            f"the cluster's recovery partitions are incomplete ({exc}); this is process "
+            f"{process_id}, its store is {store}. In a cluster, process 0's store keeps all "
+            f"{PARTITIONS} partitions and the others keep none: put the missing "
+            f"part-N.sqlite3 files (each with its -wal and -shm files, all processes "
+            f"stopped) into {keeper} store."
+        )
+    return (
+        f"{where} Restore the partitions from a backup, or move the store away (in a "
+        "cluster: every process's store) to start over from the beginning of the topics "
+        "(outputs are idempotent, so reprocessing rewrites the same rows)."
+    )

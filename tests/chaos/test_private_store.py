@@ -35,7 +35,10 @@ def test_recovery_store_and_state_folder_are_created_0700(
     assert store == state / "recovery"
     assert state.stat().st_mode & 0o777 == 0o700
     assert store.stat().st_mode & 0o777 == 0o700
-    assert sorted(p.name for p in store.iterdir()) == [f"part-{i}.sqlite3" for i in range(4)]
+    assert sorted(p.name for p in store.iterdir()) == [
+        *(f"part-{i}.sqlite3" for i in range(4)),
+        "twinflow-store.json",
+    ]
 
 
 def test_a_recovery_store_others_can_read_is_refused(tmp_path: Path) -> None:
