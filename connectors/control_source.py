@@ -23,11 +23,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from connectors.kafka import client_config
 from connectors.kafka_source import (
     KafkaSourceError,
+    check_read_error,
     flow_consumer,
     partition_key,
     watermarks_client,
@@ -177,9 +178,8 @@ class _Part(StatefulSourcePartition[Item, Offsets]):
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaSourceError(f"reading {message.topic()} failed: {error}")
+                check_read_error(error, str(message.topic()))
+                continue
             topic, offset = message.topic(), message.offset()
             assert topic is not None and offset is not None
             stamp_ms = message.timestamp()[1]

@@ -22,7 +22,7 @@ from typing import Any
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from connectors.kafka import client_config
+from connectors.kafka import broker_unavailable, client_config
 from schemas.transport import InputMessage, MessageBatch
 from twinflow import metrics
 from twinflow.errors import TwinflowError
@@ -37,6 +37,20 @@ _LAG_EVERY_S = 1.0
 
 class KafkaSourceError(TwinflowError):
     """The source topic is missing or a partition cannot be read."""
+
+
+def check_read_error(error: KafkaError, where: str) -> None:
+    """Raise for a consumer error the flow cannot read past; log one it can wait out.
+
+    A broker that is down or restarting is waited out: the consumer reconnects and
+    fetches on from its position, so nothing is skipped.
+    """
+    if error.code() == KafkaError._PARTITION_EOF:
+        return
+    if broker_unavailable(error):
+        log.warning("reading %s waits for the broker: %s", where, error.str())
+        return
+    raise KafkaSourceError(f"reading {where} failed: {error}")
 
 
 def flow_consumer(kafka: KafkaSettings, **overrides: Any) -> Consumer:
@@ -128,10 +142,8 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         messages = self._consumer.consume(num_messages=self._source.batch_size, timeout=0)
         for message in messages:
             error = message.error()
-            if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                raise KafkaSourceError(
-                    f"reading {self._source.topic}[{self._partition}] failed: {error}"
-                )
+            if error is not None:
+                check_read_error(error, f"{self._source.topic}[{self._partition}]")
         if any(message.error() is not None for message in messages):
             messages = [message for message in messages if message.error() is None]
         now = time.monotonic()

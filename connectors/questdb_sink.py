@@ -1,10 +1,13 @@
 """A Bytewax sink writing :class:`TableBatch` frames to QuestDB over ILP/HTTP.
 
 Each worker owns one ``questdb`` sender with auto-flush off. ``write_batch`` serializes
-every frame it is given and flushes once, so a batch reaches QuestDB in one HTTP
-request or the flow stops: a rejected flush raises :class:`QuestDBSinkError` and
-recovery replays the rows later. Replayed rows are harmless because every table has
-``DEDUP UPSERT KEYS`` (:mod:`twinflow.tables`).
+every frame it is given into one buffer and flushes it in one HTTP request. While
+QuestDB is unreachable (refused or dropped connections, timeouts, 5xx answers) the sink
+sends the same buffer again with back-off (:mod:`connectors.outage`) until QuestDB
+takes it or ``flow.sink_give_up_s`` passes. A batch QuestDB rejects (a row that does
+not fit its table) raises :class:`QuestDBSinkError` at once: the flow stops and
+recovery replays the rows once the table is fixed. Replayed and resent rows are harmless
+because every table has ``DEDUP UPSERT KEYS`` (:mod:`twinflow.tables`).
 
 With QuestDB 9.3 a rejected request commits none of its rows, whatever table they
 were for (observed, not a documented guarantee).
@@ -35,6 +38,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from questdb import QuestDBError as ClientError
 from questdb import QuestDBErrorCode, Sender
 
+from connectors.outage import OutageWait, SinkGaveUpError
 from connectors.questdb import QuestDBAuthError, QuestDBError, TableBatch, TableSpec, auth_failure
 from schemas.transport import CodedStrings
 from twinflow import metrics
@@ -54,6 +58,34 @@ class QuestDBSinkAuthError(QuestDBSinkError, QuestDBAuthError):
 _STATUS = re.compile(r"\[code: (\d+)\]")
 _NAT = np.iinfo(np.int64).min
 """numpy's NaT as int64 nanoseconds: a NULL timestamp."""
+_UNREACHABLE = frozenset(
+    {
+        QuestDBErrorCode.SocketError,
+        QuestDBErrorCode.ConnectTimeout,
+        QuestDBErrorCode.CouldNotResolveAddr,
+        QuestDBErrorCode.ServerInternalError,
+    }
+)
+_REJECTED = '"code":"invalid"'
+"""How QuestDB's JSON answer to a request with a row it cannot take begins (HTTP 400)."""
+
+
+def unavailable(exc: Exception) -> bool:
+    """Whether a flush failed because QuestDB was unavailable, not because of the rows.
+
+    A server error without QuestDB's rejection of a row (a 5xx the client gave up
+    retrying, a proxy's answer while QuestDB restarts) counts as unavailable; a refused
+    login or a rejected row does not, since sending again cannot change them.
+    """
+    if not isinstance(exc, ClientError):
+        return False
+    if exc.code in _UNREACHABLE:
+        return True
+    if exc.code == QuestDBErrorCode.ServerFlushError:
+        status = _STATUS.search(str(exc))
+        client_error = status is not None and status.group(1).startswith("4")
+        return _REJECTED not in str(exc) and not client_error
+    return False
 
 
 def _auth_error(settings: QuestDBSettings, exc: ClientError, consequence: str) -> QuestDBSinkError:
@@ -65,16 +97,20 @@ def _auth_error(settings: QuestDBSettings, exc: ClientError, consequence: str) -
 class QuestDBSink(DynamicSink[TableBatch]):
     """Writes :class:`TableBatch` items to their tables; one ILP/HTTP sender per worker.
 
-    ``options`` are extra ``questdb`` client configuration keys, e.g.
-    ``retry_timeout=0`` or ``request_timeout=5000``; auto-flush is always off.
+    ``give_up_s`` bounds how long a write batch waits out an unreachable QuestDB
+    (``flow.sink_give_up_s``). ``options`` are extra ``questdb`` client configuration
+    keys, e.g. ``retry_timeout=0`` or ``request_timeout=5000``; auto-flush is always off.
     """
 
-    def __init__(self, settings: QuestDBSettings, **options: str | int) -> None:
+    def __init__(
+        self, settings: QuestDBSettings, *, give_up_s: float, **options: str | int
+    ) -> None:
         if "auto_flush" in options:
             raise ValueError(
                 "QuestDBSink flushes once per write batch; auto_flush is not an option"
             )
         self._settings = settings
+        self._give_up_s = give_up_s
         self._options = options
 
     def build(
@@ -92,23 +128,29 @@ class QuestDBSink(DynamicSink[TableBatch]):
                 f"cannot reach QuestDB at {self._settings.http_url} for ILP: {exc}. "
                 "Is it running (twinflow status)?"
             ) from exc
-        return _QuestDBPartition(sender, f"{step_id}[{worker_index}]", self._settings)
+        outage = OutageWait("questdb", f"QuestDB at {self._settings.http_url}", self._give_up_s)
+        return _QuestDBPartition(sender, f"{step_id}[{worker_index}]", self._settings, outage)
 
 
 class _QuestDBPartition(StatelessSinkPartition[TableBatch]):
-    def __init__(self, sender: Sender, name: str, settings: QuestDBSettings) -> None:
+    def __init__(
+        self, sender: Sender, name: str, settings: QuestDBSettings, outage: OutageWait
+    ) -> None:
         self._sender = sender
         self._name = name
         self._settings = settings
+        self._outage = outage
 
     def write_batch(self, items: list[TableBatch]) -> None:
         batches = [batch for batch in items if len(batch.frame)]
         if not batches:
             return
         started = time.perf_counter()
+        # A buffer of its own: a failed flush empties the sender's, this one is sent again.
+        buffer = self._sender.new_buffer()
         for batch in batches:
             try:
-                self._sender.dataframe(
+                buffer.dataframe(
                     batch.frame,
                     table_name=batch.spec.name,
                     symbols=list(batch.symbols),
@@ -123,7 +165,10 @@ class _QuestDBPartition(StatelessSinkPartition[TableBatch]):
                 ) from exc
         flushed = time.perf_counter()
         try:
-            self._sender.flush()
+            self._outage.attempt(lambda: self._sender.flush(buffer, clear=False), unavailable)
+        except SinkGaveUpError as exc:
+            metrics.sink_failures.labels("questdb").inc()
+            raise QuestDBSinkError(f"QuestDB did not take {_describe(batches)}: {exc}") from exc
         except ClientError as exc:
             metrics.sink_failures.labels("questdb").inc()
             if exc.code == QuestDBErrorCode.AuthError:
@@ -147,9 +192,7 @@ class _QuestDBPartition(StatelessSinkPartition[TableBatch]):
             log.debug("%s flushed %s in %.1f ms", self._name, _describe(batches), elapsed_ms)
 
     def close(self) -> None:
-        # Every successful write batch flushed. After a failed one the buffer may hold
-        # part of that batch: Bytewax 0.21.1 closes partitions also while unwinding from
-        # the failure, so drop those rows (recovery replays them) rather than send them.
+        # Batches are written from buffers of their own: the sender's holds nothing.
         self._sender.close(flush=False)
 
 

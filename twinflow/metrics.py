@@ -108,11 +108,23 @@ sink_failures = Counter(
     "Write batches a sink could not deliver; each one stops the flow for a replay",
     ["sink"],
 )
+sink_waiting = Gauge(
+    "twinflow_sink_waiting",
+    "1 while a sink waits out its server's outage (the flow reads nothing meanwhile)",
+    ["sink"],
+)
+sink_retries = Counter(
+    "twinflow_sink_retries",
+    "Write attempts a sink repeated while its server was unavailable",
+    ["sink"],
+)
 # Zero series to graph rather than none, so "no errors" reads as 0 and not as no data.
 for _reason in Reason:
     dead_letters.labels(_reason.value)
 for _sink in ("questdb", "kafka"):
     sink_failures.labels(_sink)
+    sink_waiting.labels(_sink)
+    sink_retries.labels(_sink)
 for _event in AlarmEvent:
     alarms.labels(_event.value)
 

@@ -11,9 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer
-
-from connectors.kafka import TopicSpec, client_config, ensure_topics, reliable_producer
+from connectors.kafka import TopicSpec, ensure_topics, reliable_producer
 from connectors.questdb import QuestDBError, QuestDBHttp
 from tests.helpers import clean_env
 from twinflow.settings import Settings
@@ -129,30 +127,3 @@ def create_topics(stack: Settings, topics: dict[str, str]) -> None:
             )
         ),
     )
-    _wait_for_leaders(stack, [*topics.values()])
-
-
-def _wait_for_leaders(stack: Settings, names: list[str], timeout_s: float = 30) -> None:
-    """Until every partition of ``names`` has a leader in the broker's metadata.
-
-    A topic is created before its metadata reaches every listener; a flow started in
-    that gap may not see a partition until its next metadata refresh.
-    """
-    consumer = Consumer(client_config(stack.kafka, **{"group.id": "twinflow-test-metadata"}))
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            found = consumer.list_topics(timeout=5).topics
-            ready = all(
-                name in found
-                and found[name].error is None
-                and found[name].partitions
-                and all(p.leader >= 0 for p in found[name].partitions.values())
-                for name in names
-            )
-            if ready:
-                return
-            assert time.monotonic() < deadline, f"topics {names} have no leaders in {timeout_s} s"
-            time.sleep(0.2)
-    finally:
-        consumer.close()

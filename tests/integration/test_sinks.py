@@ -1,6 +1,7 @@
 """The QuestDB and Kafka sinks inside real Bytewax flows, against the real services."""
 
 import dataclasses
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import Sink
 from bytewax.testing import TestingSource, cluster_main, run_main
 from confluent_kafka.admin import AdminClient
+from prometheus_client import REGISTRY
 
 from connectors.kafka import KafkaRecord, TopicSpec, client_config, ensure_topics
 from connectors.kafka_sink import KafkaOutputSink, KafkaSinkError
@@ -22,12 +24,15 @@ from connectors.questdb import QuestDBHttp, TableBatch, TableSpec, ensure_table
 from connectors.questdb_sink import QuestDBSink, QuestDBSinkError, table_frame
 from schemas.outputs import COUNTS
 from tests.helpers import cause_of, consume_all, free_ports, wait_for_wal
+from tests.relay import TcpRelay
 from twinflow.settings import Settings
 from twinflow.tables import ANOMALIES, READINGS, TWIN_STATE
 
 pytestmark = pytest.mark.integration
 
 T0_MS = 1_700_000_000_000
+GIVE_UP_S = 60.0
+"""Longer than any of these tests waits: a sink that gives up here did not fail fast."""
 
 
 def _flow(items: list[Any], sink: Sink[Any], *, spread: bool = False) -> Dataflow:
@@ -135,14 +140,14 @@ def test_questdb_sink_writes_several_tables_and_a_replay_adds_nothing(
         _anomalies(anomalies, 6),
     ]
 
-    _run(_flow(batches, QuestDBSink(stack.questdb)))
+    _run(_flow(batches, QuestDBSink(stack.questdb, give_up_s=GIVE_UP_S)))
     first = wait_for_wal(sql, [spec.name for spec in tables.values()])
     assert _counts(sql, tables) == {"readings": 1000, "twin_state": 40, "anomalies": 6}
 
     # Replay everything on two workers (as recovery would after a crash), plus 16 new
     # readings: the replayed rows upsert onto themselves, only the new rows add up.
     replay = [*batches, _readings(readings, 1000, 16)]
-    _run(_flow(replay, QuestDBSink(stack.questdb), spread=True), workers=2)
+    _run(_flow(replay, QuestDBSink(stack.questdb, give_up_s=GIVE_UP_S), spread=True), workers=2)
     second = wait_for_wal(sql, [spec.name for spec in tables.values()])
     assert all(second[name] > first[name] for name in first), (first, second)
     assert _counts(sql, tables) == {"readings": 1016, "twin_state": 40, "anomalies": 6}
@@ -181,7 +186,11 @@ def test_questdb_sink_raises_when_questdb_rejects_a_batch(
     bad_frame = good.frame.copy()
     bad_frame["value"] = pd.array(["not a number"] * 10, dtype="string")
     with pytest.raises(Exception) as raised:
-        _run(_flow([TableBatch(readings, bad_frame)], QuestDBSink(stack.questdb)))
+        _run(
+            _flow(
+                [TableBatch(readings, bad_frame)], QuestDBSink(stack.questdb, give_up_s=GIVE_UP_S)
+            )
+        )
     error = cause_of(raised.value, QuestDBSinkError)
     message = str(error)
     assert f"10 rows ({readings.name}: 10)" in message
@@ -198,20 +207,89 @@ def test_questdb_sink_raises_when_questdb_is_unreachable(
     batches = [_readings(tables["readings"], 0, 5)]
     # At start the sender asks the server for its ILP version: the flow cannot start.
     with pytest.raises(Exception) as raised:
-        _run(_flow(batches, QuestDBSink(closed)))
+        _run(_flow(batches, QuestDBSink(closed, give_up_s=GIVE_UP_S)))
     assert "cannot reach QuestDB" in str(cause_of(raised.value, QuestDBSinkError))
-    # With the version pinned nothing is sent before the first flush, which then fails.
+    # With the version pinned nothing is sent before the first flush, which then fails
+    # and is retried until the sink gives up.
+    started = time.monotonic()
     with pytest.raises(Exception) as raised:
-        _run(_flow(batches, QuestDBSink(closed, protocol_version=2, retry_timeout=0)))
-    assert "QuestDB did not take 5 rows" in str(cause_of(raised.value, QuestDBSinkError))
+        sink = QuestDBSink(closed, give_up_s=2, protocol_version=2, retry_timeout=0)
+        _run(_flow(batches, sink))
+    message = str(cause_of(raised.value, QuestDBSinkError))
+    assert "QuestDB did not take 5 rows" in message
+    assert "unavailable for 2 s" in message and "TWINFLOW_FLOW__SINK_GIVE_UP_S" in message
+    assert 2 <= time.monotonic() - started < 15
+
+
+class _OutageDuring:
+    """A map step that takes the relay down at a chosen item and brings it back later."""
+
+    def __init__(self, relay_port: int, target_port: int, at_item: int, down_s: float) -> None:
+        self.relay = TcpRelay(relay_port, target_port).__enter__()
+        self._ports = (relay_port, target_port)
+        self._at_item, self._down_s = at_item, down_s
+        self._seen = 0
+        self.down_at: float | None = None
+        self.back_at: float | None = None
+
+    def __call__(self, item: TableBatch) -> TableBatch:
+        self._seen += 1
+        if self._seen == self._at_item:
+            self.relay.__exit__()
+            self.down_at = time.monotonic()
+            threading.Timer(self._down_s, self._back).start()
+        return item
+
+    def _back(self) -> None:
+        self.relay = TcpRelay(*self._ports).__enter__()
+        self.back_at = time.monotonic()
+
+
+def test_questdb_sink_waits_out_an_outage_and_writes_every_row_once(
+    stack: Settings, tables: dict[str, TableSpec]
+) -> None:
+    readings = tables["readings"]
+    port = free_ports(1)[0]
+    relayed = stack.questdb.model_copy(update={"http_port": port})
+    batches = [_readings(readings, 10 * k, 10) for k in range(4)]
+    outage = _OutageDuring(port, stack.questdb.http_port, at_item=2, down_s=3)
+    retries_before = _sample("twinflow_sink_retries_total", sink="questdb")
+    flow = Dataflow("sink_outage")
+    stream = op.map("outage", op.input("in", flow, TestingSource(batches)), outage)
+    op.output("out", stream, QuestDBSink(relayed, give_up_s=60))
+    try:
+        run_main(flow)
+        finished = time.monotonic()
+    finally:
+        outage.relay.__exit__()
+    assert outage.down_at is not None and outage.back_at is not None
+    # The rows after the outage began were written only once QuestDB was back.
+    assert finished >= outage.back_at
+    assert _sample("twinflow_sink_retries_total", sink="questdb") > retries_before
+    assert _sample("twinflow_sink_waiting", sink="questdb") == 0
+    sql = QuestDBHttp(stack.questdb)
+    wait_for_wal(sql, [readings.name])
+    assert _counts(sql, {"readings": readings}) == {"readings": 40}
 
 
 # --- Kafka ---------------------------------------------------------------------------
 
 
+def _messages_in(stack: Settings, topic: str) -> int:
+    """Messages in ``topic``; 0 when it does not exist."""
+    topics = AdminClient(client_config(stack.kafka)).list_topics(timeout=10).topics
+    return len(consume_all(stack.kafka, topic, idle_s=1)) if topic in topics else 0
+
+
 def _missing_topic(stack: Settings, name: str) -> None:
     topics = AdminClient(client_config(stack.kafka)).list_topics(timeout=10).topics
     assert name not in topics, "auto-creation must be off on the test broker"
+
+
+def _sample(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name} {labels}"
+    return value
 
 
 def test_kafka_sink_delivers_keyed_records_from_two_workers(stack: Settings, unique: str) -> None:
@@ -223,7 +301,7 @@ def test_kafka_sink_delivers_keyed_records_from_two_workers(stack: Settings, uni
     ]
     records.append(KafkaRecord(events, None, b"no key"))
 
-    _run(_flow(records, KafkaOutputSink(stack.kafka), spread=True), workers=2)
+    _run(_flow(records, KafkaOutputSink(stack.kafka, give_up_s=GIVE_UP_S), spread=True), workers=2)
 
     for topic in (state, events):
         sent = Counter((r.key, r.value) for r in records if r.topic == topic)
@@ -242,7 +320,7 @@ def test_kafka_sink_raises_when_a_delivery_fails(
 ) -> None:
     good, typo = f"test.sink.ok.{unique}", f"test.sink.typo.{unique}"
     ensure_topics(stack.kafka, [TopicSpec(good, 1)])
-    sink = KafkaOutputSink(stack.kafka, overrides={"message.timeout.ms": 2000})
+    sink = KafkaOutputSink(stack.kafka, give_up_s=GIVE_UP_S, overrides={"message.timeout.ms": 2000})
     records = [KafkaRecord(good, b"k", b"fine"), KafkaRecord(typo, b"k", b"lost?")]
 
     started = time.monotonic()
@@ -253,22 +331,31 @@ def test_kafka_sink_raises_when_a_delivery_fails(
     assert f"topic {typo!r}" in message
     assert "Unknown topic" in message or "timed out" in message, message
     _missing_topic(stack, typo)
-    chaos_table.append(
-        {
-            "fault": "7. Kafka output delivery fails: twinflow's sink",
-            "runs": 1,
-            "lost": 0,
-            "duplicates": 0,
-            "mismatches": 0,
-            "notes": "the flow stops with the topic named, so recovery retries the batch",
-        }
-    )
+    delivered = [m.value() for m in consume_all(stack.kafka, good, expected=1)]
+    # A record is lost when it is neither delivered nor named in the error that stops
+    # the flow (recovery replays what the error names).
+    named = 1 if f"topic {typo!r}" in message else 0
+    row = {
+        "fault": "7. Kafka output delivery fails: twinflow's sink",
+        "runs": 1,
+        "lost": len(records) - len(delivered) - named,
+        "duplicates": len(delivered) - len(set(delivered)),
+        "mismatches": len(set(delivered) - {b"fine"}),
+        "notes": "the flow stops with the topic named, so recovery retries the batch",
+    }
+    chaos_table.append(row)
+    assert row["lost"] == row["duplicates"] == row["mismatches"] == 0, row
 
 
 def test_kafka_sink_raises_when_reports_do_not_arrive_in_time(stack: Settings, unique: str) -> None:
     typo = f"test.sink.slow.{unique}"
     # librdkafka would retry for 60 s; the write batch gives up after 1 s and says so.
-    sink = KafkaOutputSink(stack.kafka, flush_timeout_s=1, overrides={"message.timeout.ms": 60_000})
+    sink = KafkaOutputSink(
+        stack.kafka,
+        give_up_s=GIVE_UP_S,
+        flush_timeout_s=1,
+        overrides={"message.timeout.ms": 60_000},
+    )
     with pytest.raises(Exception) as raised:
         _run(_flow([KafkaRecord(typo, None, b"x")], sink))
     message = str(cause_of(raised.value, KafkaSinkError))
@@ -288,12 +375,12 @@ def test_stock_bytewax_kafka_sink_loses_the_same_failure_silently(
     )
     # The flow finishes normally although its only message was never delivered.
     _run(_flow([KafkaSinkMessage(b"k", b"lost", topic=typo)], stock))
-    _missing_topic(stack, typo)
+    _missing_topic(stack, typo)  # so the message is nowhere
     chaos_table.append(
         {
             "fault": "7. (negative control) the same failure, stock Bytewax KafkaSink",
             "runs": 1,
-            "lost": 1,
+            "lost": 1 - _messages_in(stack, typo),
             "duplicates": 0,
             "mismatches": 0,
             "notes": "the flow ends normally; the message is gone without a word",
