@@ -94,13 +94,17 @@ def isolated_env(base: Settings, state_dir: Path) -> dict[str, str]:
 
 
 def refusal_row(fault: str, exit_code: int, elapsed_s: float) -> dict[str, object]:
-    """A chaos table row for security recipe 10: what was refused, how, how fast."""
+    """A chaos table row for security recipe 10: what was refused, how, how fast.
+
+    A refusal moves no data, so there is nothing to lose, repeat or mismatch: the data
+    columns say n/a rather than a zero nobody counted.
+    """
     return {
         "fault": f"10. {fault}",
         "runs": 1,
-        "lost": 0,
-        "duplicates": 0,
-        "mismatches": 0,
+        "lost": "n/a",
+        "duplicates": "n/a",
+        "mismatches": "n/a",
         "notes": f"refused: exit code {exit_code} after {elapsed_s:.1f} s",
     }
 

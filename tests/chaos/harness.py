@@ -10,6 +10,7 @@ not.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -27,7 +28,7 @@ import yaml
 from benchmarks.throughput import produce_workload, twinflow_env
 from benchmarks.workload import Expected, WorkloadConfig, twin_model
 from connectors.questdb import QuestDBError, QuestDBHttp
-from tests.helpers import snapshot_epoch, wait_for_wal
+from tests.helpers import consume_all, snapshot_epoch, wait_for_wal
 from twinflow.settings import Settings
 from twinflow.tables import Tables, tables
 
@@ -52,6 +53,8 @@ FLOW_SETTINGS = {
 }
 ROW_TABLES = ("sensor_windows", "twin_state", "anomalies", "alarms", "forecasts")
 """Tables whose rows must equal the golden run's, row for row."""
+OUTPUT_TOPICS = ("state", "anomalies", "alarms")
+"""Kafka output topics (settings.topics fields) whose messages carry a ``msg_id``."""
 _POLL_S = 0.25
 
 
@@ -97,6 +100,27 @@ class Outcome:
     dead_letters: int
     bad_values: dict[str, int]
     rows: dict[str, list[tuple[Any, ...]]]
+    outputs: dict[str, dict[str, list[bytes]]]
+    """Per output topic: the payloads of every copy of each ``msg_id``."""
+
+    def output_copies(self, golden: Outcome) -> dict[str, dict[str, int]]:
+        """Per output topic: messages, replayed copies, and how ``msg_id`` dedupe fares.
+
+        ``copies``: messages beyond the first of their ``msg_id``; ``conflicts``: ids
+        whose copies differ (dedupe by id would be wrong); ``missing``/``extra``: ids
+        golden has and this run has not, and the other way round.
+        """
+        found = {}
+        for topic, by_id in self.outputs.items():
+            expected = golden.outputs[topic]
+            found[topic] = {
+                "messages": sum(len(copies) for copies in by_id.values()),
+                "copies": sum(len(copies) - 1 for copies in by_id.values()),
+                "conflicts": sum(1 for copies in by_id.values() if len(set(copies)) > 1),
+                "missing": len(expected.keys() - by_id.keys()),
+                "extra": len(by_id.keys() - expected.keys()),
+            }
+        return found
 
     def problems(self, workload: Workload, golden: Outcome | None) -> dict[str, int]:
         """Readings lost, duplicates, mismatches vs golden, wrong dead letters, bad values."""
@@ -307,6 +331,7 @@ class FlowRun:
             for key in ROW_TABLES
         }
         return Outcome(
+            outputs={topic: self._messages_by_id(topic) for topic in OUTPUT_TOPICS},
             readings=self._one(f'SELECT count() FROM "{readings}"'),
             distinct_readings=self._one(
                 f'SELECT count() FROM (SELECT DISTINCT ts, entity, sensor FROM "{readings}")'
@@ -316,6 +341,14 @@ class FlowRun:
             bad_values=bad_values,
             rows=rows,
         )
+
+    def _messages_by_id(self, topic: str) -> dict[str, list[bytes]]:
+        name = self.env[f"TWINFLOW_TOPICS__{topic.upper()}"]
+        by_id: dict[str, list[bytes]] = {}
+        for message in consume_all(self.settings.kafka, name, idle_s=3):
+            payload = message.value() or b""
+            by_id.setdefault(json.loads(payload)["msg_id"], []).append(payload)
+        return by_id
 
     def _one(self, sql: str) -> int:
         return int(self.sql.exec(sql).rows[0][0])
