@@ -186,8 +186,14 @@ def test_the_grafana_data_source_is_the_compose_questdb() -> None:
     assert any(str(p).endswith(f":{port}") for p in questdb["ports"])
     defaults = QuestDBSettings()  # the defaults, whatever this shell exports
     assert int(port) == defaults.pg_port
-    assert source["user"] == defaults.pg_user
-    assert source["secureJsonData"]["password"] == defaults.pg_password.get_secret_value()
+    # The login comes from Grafana's environment, under the settings' names; compose
+    # gives QuestDB and Grafana the same values.
+    assert source["user"] == "${TWINFLOW_QUESTDB__PG_USER}"
+    assert source["secureJsonData"]["password"] == "${TWINFLOW_QUESTDB__PG_PASSWORD}"
+    grafana = _compose()["services"]["grafana"]["environment"]
+    assert grafana["TWINFLOW_QUESTDB__PG_USER"] == questdb["environment"]["QDB_PG_USER"]
+    assert grafana["TWINFLOW_QUESTDB__PG_PASSWORD"] == questdb["environment"]["QDB_PG_PASSWORD"]
+    assert questdb["environment"]["QDB_PG_USER"].endswith(f":-{defaults.pg_user}}}")
 
 
 def _data_sources() -> dict[str, dict[str, Any]]:
