@@ -2,7 +2,7 @@
 VENV := .venv/bin
 .DEFAULT_GOAL := help
 
-.PHONY: help venv setup demo test lint up down status evaluate chaos
+.PHONY: help venv setup demo test lint up down status evaluate chaos soak
 
 help:
 	@echo "make demo   - install everything, start Kafka, QuestDB and Mosquitto, run the demo"
@@ -10,6 +10,7 @@ help:
 	@echo "make up | down | status - manage the local services"
 	@echo "make evaluate - detection quality of the default detector on NAB, SKAB and the simulator (no services)"
 	@echo "make chaos  - every fault and security recipe (about 13 min), then the chaos table"
+	@echo "make soak   - the whole pipeline for 60 min at half the measured maximum, on its own stack; report in .twinflow/soak"
 
 venv:
 	@bash infra/bootstrap.sh
@@ -47,3 +48,7 @@ chaos: setup
 
 evaluate: venv
 	@$(VENV)/python -m benchmarks.evaluate
+
+# Not part of `make test` or CI: an hour on its own Kafka, QuestDB and Mosquitto.
+soak: setup
+	@$(VENV)/python -m benchmarks.soak --minutes 60
