@@ -99,7 +99,7 @@ def _readings(spec: TableSpec, start: int, count: int) -> TableBatch:
 
 def _run(items: list[TableBatch], questdb: QuestDBSettings) -> None:
     flow = Dataflow("questdb_auth")
-    op.output("out", op.input("in", flow, TestingSource(items)), QuestDBSink(questdb))
+    op.output("out", op.input("in", flow, TestingSource(items)), QuestDBSink(questdb, give_up_s=60))
     run_main(flow)
 
 
