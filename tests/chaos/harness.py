@@ -386,10 +386,18 @@ class ChaosRow:
 
 
 def judge(
-    chaos_table: list[dict[str, object]], row: ChaosRow, run: FlowRun, golden: Outcome
+    chaos_table: list[dict[str, object]],
+    row: ChaosRow,
+    run: FlowRun,
+    golden: Outcome,
+    outcome: Outcome | None = None,
 ) -> dict[str, int]:
-    """Compare a finished run with golden, add its row to the chaos table, return problems."""
-    outcome = run.outcome()
+    """Compare a finished run with golden, add its row to the chaos table, return problems.
+
+    ``outcome``: the run's, when the caller has read it already (reading it again costs
+    every table and output topic).
+    """
+    outcome = outcome or run.outcome()
     problems = outcome.problems(run.workload, golden)
     row.lost, row.duplicates, row.mismatches = (
         problems["lost"],

@@ -79,8 +79,9 @@ def test_sigkill_and_restart_equals_golden(
             row.notes.append(kill(run, delay))
         run.supervise()
         assert run.exits == [-9] * kills, f"unexpected exits {run.exits}"
-        problems = judge(chaos_table, row, run, golden)
-        outputs = run.outcome().output_copies(golden)
+        outcome = run.outcome()
+        problems = judge(chaos_table, row, run, golden, outcome)
+        outputs = outcome.output_copies(golden)
     finally:
         run.stop()
     # Kafka outputs are at least once: a replay after a kill re-emits what the outputs
