@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -402,6 +403,39 @@ def memory(pid: int) -> tuple[float, float] | None:
     return (fields["VmRSS"], fields["RssAnon"]) if "VmRSS" in fields else None
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used, in seconds (None when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may hold spaces; the fields after it do not.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rates_by_half(
+    times: Sequence[float], totals: Sequence[float | None], split: float, end: float
+) -> tuple[float | None, float | None]:
+    """Mean rate of a cumulative counter before and after ``split`` (to ``end``).
+
+    >>> rates_by_half([0, 10, 20, 30], [0, 5, 10, 40], 10, 30)
+    (0.5, 1.75)
+    """
+    points = [(t, v) for t, v in zip(times, totals, strict=True) if v is not None and t <= end]
+
+    def rate(lo: float, hi: float) -> float | None:
+        inside = [(t, v) for t, v in points if lo <= t <= hi]
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+    return rate(float("-inf"), split), rate(split, end)
+
+
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
     """The samples of a /metrics endpoint on 127.0.0.1 (None when it does not answer)."""
     try:
@@ -414,6 +448,23 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | N
         for family in text_string_to_metric_families(body)
         for item in family.samples
     }
+
+
+def row_counters(body: str) -> dict[str, float]:
+    """The ``*rows*_total`` counters of a Prometheus text page, read line by line.
+
+    QuestDB's page has gauges whose value is ``null``, which a strict parser refuses.
+
+    >>> row_counters("# TYPE a counter\\nquestdb_rows_total 5\\nquestdb_x null\\n")
+    {'questdb_rows_total': 5.0}
+    """
+    found = {}
+    for line in body.splitlines():
+        name, _, value = line.partition(" ")
+        if "rows" in name and name.endswith("_total"):
+            with contextlib.suppress(ValueError):
+                found[name] = float(value)
+    return found
 
 
 def total(
@@ -607,11 +658,14 @@ class Sampler:
         soak.check_exits()
         pids = {n: c.pid for n, c in soak.children.items() if c.pid is not None}
         pids.update(soak.server_pids())
-        rss, anon = {}, {}
+        rss, anon, cpu = {}, {}, {}
         for name, pid in pids.items():
             found = memory(pid)
             if found is not None:
                 rss[name], anon[name] = round(found[0], 1), round(found[1], 1)
+            used = cpu_seconds(pid)
+            if used is not None:
+                cpu[name] = used
         metrics = soak.settings.metrics
         flow = scrape(metrics.flow_port)
         if flow is not None:
@@ -624,6 +678,13 @@ class Sampler:
             "t": round(time.monotonic() - soak.t0, 1),
             "rss_mib": rss,
             "anon_mib": anon,
+            "cpu_s": cpu,
+            "flow_step_s": {
+                dict(labels)["step"]: value
+                for (name, labels), value in flow.items()
+                if name == "twinflow_step_seconds_sum"
+            },
+            "questdb_rows": self.questdb_rows(),
             "lag": max(0, highs - int(consumed)) if highs is not None else None,
             "wal_lag": self.wal_lag(),
             "accepted": total(flow, "twinflow_readings_accepted_total"),
@@ -634,6 +695,16 @@ class Sampler:
         if serve is not None and serve.pid is not None and not _serve_healthy(soak.settings):
             soak.error("serve", "twinflow serve did not answer /api/v1/health within 10 s")
         return sample
+
+    def questdb_rows(self) -> dict[str, float]:
+        """QuestDB's row counters (rows committed, rows physically written, ...)."""
+        url = f"http://127.0.0.1:{self.soak.settings.questdb.min_http_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = response.read().decode()
+        except OSError:
+            return {}
+        return row_counters(body)
 
     def check_metrics(self, flow: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
         """Sink failures, unexpected dead letters (flow and bridges) are errors."""
@@ -1002,12 +1073,50 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {name} | {s.start:,.1f} | {s.end:,.1f} | {s.min:,.1f} | {s.max:,.1f} "
             f"| {s.mean:,.1f} | {growth} |"
         )
+    lines += _rates_table(doc)
     lines += ["", "## Counts", "", "| count | value |", "|---|---:|"]
     lines += [f"| {key} | {value} |" for key, value in counts.items()]
     lines += ["", "## Errors", ""]
     lines += [f"- t={e['t']} s {e['kind']}: {e['detail']}" for e in doc["errors"]] or ["none"]
     lines.append("")
     return "\n".join(lines)
+
+
+def _rates_table(doc: dict[str, Any]) -> list[str]:
+    """CPU per process, the flow's time per step and QuestDB's row counters, by half."""
+    samples, config = doc["samples"], doc["config"]
+    load_from = config.get("load_from_s", 0.0)
+    split, end = load_from + config["seconds"] / 2, load_from + config["seconds"]
+    times = [s["t"] for s in samples]
+    rows = []
+    for key, label, unit in (
+        ("cpu_s", "CPU", "cores"),
+        ("flow_step_s", "flow step", "s/s"),
+        ("questdb_rows", "QuestDB", "/s"),
+    ):
+        names = sorted({n for s in samples for n in s.get(key, {})})
+        for name in names:
+            first, second = rates_by_half(
+                times, [s.get(key, {}).get(name) for s in samples], split, end
+            )
+            if first is None or second is None:
+                continue
+            change = f"{second / first - 1:+.0%}" if first else "-"
+            rows.append(f"| {label}: {name} ({unit}) | {first:,.3g} | {second:,.3g} | {change} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Where the time went",
+        "",
+        "Mean rates over each half of the load (cumulative counters sampled every "
+        f"{config['every_s']:g} s): CPU cores used per process, seconds per second the "
+        "flow spent in each step, QuestDB's row counters.",
+        "",
+        "| rate | first half | second half | change |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _caveats(doc: dict[str, Any]) -> list[str]:
@@ -1035,7 +1144,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
     samples = doc["samples"]
     minutes = np.array([s["t"] / 60 for s in samples])
-    fig, axes = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
+    fig, axes = plt.subplots(5, 1, figsize=(10, 15), sharex=True)
     for name in doc["processes"]:
         points = [(s["t"] / 60, s["rss_mib"][name]) for s in samples if name in s["rss_mib"]]
         axes[0].plot([t for t, _ in points], [m for _, m in points], label=name)
@@ -1068,7 +1177,15 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     )
     axes[3].set_ylabel("readings/s")
     axes[3].legend(fontsize=7)
-    axes[3].set_xlabel("minutes")
+    for name in doc["processes"]:
+        points = [(s["t"], s["cpu_s"][name]) for s in samples if name in s.get("cpu_s", {})]
+        if len(points) > 1:
+            t, used = np.array(points, dtype=np.float64).T
+            dt = np.diff(t)
+            axes[4].plot(t[1:] / 60, np.diff(used) / np.where(dt > 0, dt, np.nan), label=name)
+    axes[4].set_ylabel("CPU cores")
+    axes[4].legend(fontsize=7, ncol=3)
+    axes[4].set_xlabel("minutes")
     verdict = "PASSED" if doc["verdicts"]["passed"] else "FAILED"
     axes[0].set_title(
         f"twinflow soak: {doc['config']['minutes']:g} min at "

@@ -44,6 +44,8 @@ class QuestDBService(LocalService):
             "pg.password": q.pg_password.get_secret_value(),
             "line.udp.enabled": "false",
             "telemetry.enabled": "false",
+            # Prometheus metrics on the minimal HTTP server (commits, rows written, WAL).
+            "metrics.enabled": "true",
         }
         if q.http_auth is not None:
             # HTTP basic auth on REST, ILP over HTTP and the console (QuestDB OSS).
