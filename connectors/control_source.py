@@ -43,6 +43,7 @@ log = logging.getLogger("twinflow.source.control")
 _PART = "back-channel"
 _IDLE_POLL_S = 0.05
 _WATERMARK_TIMEOUT_S = 1.0
+_UNANSWERED_WARN_S = 30.0
 _NEVER_MS = -(2**62)
 
 Item = tuple[str, ControlBatch]
@@ -113,6 +114,8 @@ class _Ends:
         self._answer: tuple[int, dict[str, tuple[int, int]]] | None = None
         self._users = 0
         self.closed = False
+        self._answered = time.monotonic()
+        self._warned = self._answered
 
     def acquire(self) -> _Ends:
         with self._lock:
@@ -143,12 +146,29 @@ class _Ends:
                 marks = self._client.get_watermark_offsets(
                     TopicPartition(topic, 0), timeout=_WATERMARK_TIMEOUT_S, cached=False
                 )
-            except KafkaException:
+            except KafkaException as exc:
+                self._not_answered(topic, str(exc))
                 return None
             if marks is None:
+                self._not_answered(topic, "no answer")
                 return None
             ends[topic] = marks
+        self._answered = time.monotonic()
         return asked_ms, ends
+
+    def _not_answered(self, topic: str, why: str) -> None:
+        """Say so when the back channel's progress has stood still for want of answers."""
+        now = time.monotonic()
+        if now - self._answered >= _UNANSWERED_WARN_S and now - self._warned >= _UNANSWERED_WARN_S:
+            self._warned = now
+            log.warning(
+                "the back channel's progress stands still for %.0f s: the broker did not "
+                "answer a watermark query of %s within %.1f s (%s); raw messages wait",
+                now - self._answered,
+                topic,
+                _WATERMARK_TIMEOUT_S,
+                why,
+            )
 
 
 class _Part(StatefulSourcePartition[Item, Offsets]):

@@ -33,6 +33,8 @@ log = logging.getLogger("twinflow.source.kafka")
 _IDLE_POLL_S = 0.05
 _WATERMARK_TIMEOUT_S = 0.5
 _LAG_EVERY_S = 1.0
+_UNANSWERED_WARN_S = 30.0
+"""How long ticks may wait for an unanswered watermark query before the log says so."""
 
 
 class KafkaSourceError(TwinflowError):
@@ -137,6 +139,8 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         self._consumed = metrics.messages_consumed.labels(source.topic)
         self._lag = metrics.consumer_lag.labels(source.topic, str(partition))
         self._lag_reported = 0.0
+        self._unanswered = 0
+        self._warned = time.monotonic()
 
     def next_batch(self) -> list[Batch]:
         messages = self._consumer.consume(num_messages=self._source.batch_size, timeout=0)
@@ -178,15 +182,34 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
             marks = self._marks.get_watermark_offsets(
                 partition, timeout=_WATERMARK_TIMEOUT_S, cached=False
             )
-        except KafkaException:
+        except KafkaException as exc:
+            self._not_answered(str(exc))
             return False
         if marks is None:
+            self._not_answered("no answer")
             return False
+        self._unanswered = 0
         low, high = marks
         position = low if self._next_offset is None else self._next_offset
         self._lag.set(max(0, high - position))
         self._lag_reported = time.monotonic()
         return position >= high
+
+    def _not_answered(self, why: str) -> None:
+        """Count a watermark query the broker did not answer; say so when ticks stall."""
+        self._unanswered += 1
+        now = time.monotonic()
+        if now - self._last_emit >= _UNANSWERED_WARN_S and now - self._warned >= _UNANSWERED_WARN_S:
+            self._warned = now
+            log.warning(
+                "%s: no tick for %.0f s: the broker answered none of the last %d watermark "
+                "queries within %.1f s (%s); windows of silent entities stay open meanwhile",
+                self._key,
+                now - self._last_emit,
+                self._unanswered,
+                _WATERMARK_TIMEOUT_S,
+                why,
+            )
 
     def _report_lag(self, now: float) -> None:
         """Lag from the watermarks the consumer's fetches cached (no broker round trip)."""
