@@ -451,11 +451,11 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | N
 
 
 def row_counters(body: str) -> dict[str, float]:
-    """The ``*rows*_total`` counters of a Prometheus text page, read line by line.
+    r"""The ``*rows*_total`` counters of a Prometheus text page, read line by line.
 
     QuestDB's page has gauges whose value is ``null``, which a strict parser refuses.
 
-    >>> row_counters("# TYPE a counter\\nquestdb_rows_total 5\\nquestdb_x null\\n")
+    >>> row_counters("# TYPE a counter\nquestdb_rows_total 5\nquestdb_x null\n")
     {'questdb_rows_total': 5.0}
     """
     found = {}

@@ -20,7 +20,7 @@ VERSION = 1
 EXCERPT_CHARS = 512
 FULL_PAYLOAD_LIMIT = 256 * 1024
 
-SourceKind = Literal["mqtt", "opcua", "kafka"]
+SourceKind = Literal["mqtt", "opcua", "kafka", "modbus", "coap"]
 
 
 class Source(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -31,6 +31,10 @@ class Source(msgspec.Struct, frozen=True, omit_defaults=True):
     partition: int | None = None
     offset: int | None = None
     node: str | None = None
+    device: str | None = None
+    """Modbus: ``host:port/unit``; CoAP: ``host:port``."""
+    address: str | None = None
+    """Modbus: the register(s), e.g. ``holding 40-41``; CoAP: the resource's path."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

@@ -44,6 +44,10 @@ class Reason(StrEnum):
     TS_TOO_OLD = "ts_too_old"
     TS_IN_FUTURE = "ts_in_future"
     TOO_LARGE = "too_large"
+    DEVICE_EXCEPTION = "device_exception"
+    """A Modbus device answered a read with an exception response."""
+    BAD_PAYLOAD = "bad_payload"
+    """A field-protocol value that is not a number (a CoAP resource's text)."""
 
 
 class SchemaError(ValueError):

@@ -65,10 +65,12 @@ def _settings() -> Settings:
         if level != "DEBUG":
             librdkafka.addFilter(RepeatedLines())
         # asyncua logs every publish response at INFO; at thousands of values per second
-        # that costs more than the bridging itself.
-        logging.getLogger("asyncua").setLevel(
-            logging.DEBUG if level == "DEBUG" else logging.WARNING
-        )
+        # that costs more than the bridging itself. aiocoap and pymodbus log every ended
+        # observation and reconnect at INFO; the bridges say once per gap what happened.
+        for chatty in ("asyncua", "coap", "coap-server", "pymodbus"):
+            logging.getLogger(chatty).setLevel(
+                logging.DEBUG if level == "DEBUG" else logging.WARNING
+            )
     return _context.settings
 
 
@@ -213,6 +215,24 @@ def bridge_opcua(model: ModelOption = None) -> None:
 
     settings, twin = _settings(), _model(model)
     _until_interrupted(lambda stop: opcua_bridge.run(settings, twin, stop))
+
+
+@bridge_app.command("modbus")
+def bridge_modbus(model: ModelOption = None) -> None:
+    """Poll the Modbus TCP devices of the twin model's maps and forward readings into Kafka."""
+    from twinflow.bridges import modbus as modbus_bridge
+
+    settings, twin = _settings(), _model(model)
+    _until_interrupted(lambda stop: modbus_bridge.run(settings, twin, stop))
+
+
+@bridge_app.command("coap")
+def bridge_coap(model: ModelOption = None) -> None:
+    """Observe the CoAP resources of the twin model's maps and forward readings into Kafka."""
+    from twinflow.bridges import coap as coap_bridge
+
+    settings, twin = _settings(), _model(model)
+    _until_interrupted(lambda stop: coap_bridge.run(settings, twin, stop))
 
 
 alarms_app = typer.Typer(
@@ -430,6 +450,12 @@ def simulate(
     ] = False,
     mqtt: Annotated[bool, typer.Option("--mqtt/--no-mqtt", help="publish over MQTT")] = True,
     opcua: Annotated[bool, typer.Option("--opcua/--no-opcua", help="serve OPC UA")] = False,
+    modbus: Annotated[
+        bool, typer.Option("--modbus/--no-modbus", help="serve the model's Modbus maps")
+    ] = False,
+    coap: Annotated[
+        bool, typer.Option("--coap/--no-coap", help="serve the model's CoAP resources")
+    ] = False,
     fault_share: Annotated[
         float, typer.Option(help="share of entities with a process fault and with a sensor fault")
     ] = 0.3,
@@ -444,7 +470,7 @@ def simulate(
         bool, typer.Option("--publish-ground-truth", help="also send faults to Kafka")
     ] = False,
 ) -> None:
-    """Simulate the plant: correlated signals with labeled faults, over MQTT and OPC UA."""
+    """Simulate the plant: correlated signals with faults, over MQTT, OPC UA, Modbus, CoAP."""
     from twinflow.sim.faults import FaultPlan
     from twinflow.sim.messages import DataFaultPlan
     from twinflow.sim.run import SimulateOptions
@@ -479,6 +505,8 @@ def simulate(
     options = SimulateOptions(
         mqtt=mqtt,
         opcua=opcua,
+        modbus=modbus,
+        coap=coap,
         speed=None if max_speed else speed,
         ground_truth_file=truth_file,
         ground_truth_topic=publish_ground_truth,

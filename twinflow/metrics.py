@@ -160,6 +160,16 @@ bridge_reconnects = Counter(
     "Connections a bridge lost and set up again",
     ["bridge"],
 )
+bridge_gaps = Counter(
+    "twinflow_bridge_gaps",
+    "Outages of a polled device that ended: the device answered again after failing",
+    ["bridge"],
+)
+bridge_polls_missed = Counter(
+    "twinflow_bridge_polls_missed",
+    "Polls a device's outage cost (counted when the device answers again)",
+    ["bridge"],
+)
 
 
 # The twin API (`twinflow serve`).

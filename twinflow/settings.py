@@ -451,6 +451,40 @@ class OpcUaSettings(_Section):
         return int(self.endpoint.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
+class ModbusSettings(_Section):
+    """How `twinflow bridge modbus` polls the devices of the twin model's Modbus maps."""
+
+    timeout_s: float = Field(default=2.0, gt=0, le=60, description="one request's answer")
+    reconnect_max_backoff_s: float = Field(
+        default=5.0, gt=0, description="longest wait before reconnecting to a silent device"
+    )
+    max_registers_per_read: int = Field(
+        default=125, ge=1, le=125, description="registers in one read (Modbus allows 125)"
+    )
+    max_gap: int = Field(
+        default=8,
+        ge=0,
+        le=124,
+        description="unmapped registers one read may span to join two ranges",
+    )
+
+
+class CoapSettings(_Section):
+    """How `twinflow bridge coap` observes the resources of the twin model's CoAP maps."""
+
+    timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="first answer of an observe request"
+    )
+    reconnect_max_backoff_s: float = Field(
+        default=5.0, gt=0, description="longest wait before observing a lost resource again"
+    )
+    silence_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="no notification for this long re-registers the observation",
+    )
+
+
 class FlowSettings(_Section):
     """The twin dataflow (`twinflow run`)."""
 
@@ -599,6 +633,8 @@ class MetricsSettings(_Section):
     )
     mqtt_bridge_port: Port = _port(9240, "/metrics of `twinflow bridge mqtt`")
     opcua_bridge_port: Port = _port(9241, "/metrics of `twinflow bridge opcua`")
+    modbus_bridge_port: Port = _port(9243, "/metrics of `twinflow bridge modbus`")
+    coap_bridge_port: Port = _port(9244, "/metrics of `twinflow bridge coap`")
     serve_port: Port = _port(9242, "/metrics of `twinflow serve`")
     prometheus_port: Port = _port(9090, "the local Prometheus (twinflow up): UI and API")
     scrape_interval_s: int = Field(
@@ -765,6 +801,8 @@ class Settings(BaseSettings):
     questdb: QuestDBSettings = QuestDBSettings()
     mqtt: MqttSettings = MqttSettings()
     opcua: OpcUaSettings = OpcUaSettings()
+    modbus: ModbusSettings = ModbusSettings()
+    coap: CoapSettings = CoapSettings()
     topics: TopicSettings = TopicSettings()
     flow: FlowSettings = FlowSettings()
     detection: DetectionSettings = DetectionSettings()
@@ -787,6 +825,8 @@ class Settings(BaseSettings):
             "metrics.flow_port": metrics.flow_port,
             "metrics.mqtt_bridge_port": metrics.mqtt_bridge_port,
             "metrics.opcua_bridge_port": metrics.opcua_bridge_port,
+            "metrics.modbus_bridge_port": metrics.modbus_bridge_port,
+            "metrics.coap_bridge_port": metrics.coap_bridge_port,
             "metrics.serve_port": metrics.serve_port,
             "serve.port": self.serve.port,
         }

@@ -19,7 +19,9 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from twinflow.coap_map import CoapDevice, CoapResource, CoapResources
 from twinflow.errors import ConfigError
+from twinflow.modbus_map import ModbusDevice, ModbusLayout, ModbusRegister
 
 _NAME = r"^[a-z][a-z0-9_]*$"
 _ENTITY_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -323,6 +325,12 @@ class AssetType(_Strict):
     sensors: dict[str, SensorSpec] = Field(min_length=1)
     derived: dict[str, DerivedMetric] = Field(default_factory=dict)
     setpoints: dict[str, SetpointSpec] = Field(default_factory=dict)
+    modbus: ModbusLayout | None = Field(
+        default=None, description="register layout its machines share (sensor -> register)"
+    )
+    coap: CoapResources | None = Field(
+        default=None, description="CoAP resource per sensor its machines share"
+    )
 
     @field_validator("sensors", "derived", "setpoints")
     @classmethod
@@ -343,6 +351,55 @@ class AssetType(_Strict):
                 raise ValueError(f"derived.{name}: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _field_maps_name_sensors(self) -> Self:
+        if self.modbus is not None:
+            _check_layout("modbus", self.modbus, self.sensors)
+        if self.coap is not None:
+            _check_resources("coap", self.coap, self.sensors)
+        return self
+
+
+def _check_unit(where: str, unit: str | None, spec: SensorSpec) -> None:
+    if unit is not None and unit != spec.unit and unit not in spec.accepted_units:
+        known = ", ".join([spec.unit, *spec.accepted_units])
+        raise ValueError(f"{where}.unit {unit!r} is not a unit of the sensor (known: {known})")
+
+
+def _check_layout(where: str, layout: ModbusLayout, sensors: Mapping[str, SensorSpec]) -> None:
+    """Sensors exist, units are theirs, and no two registers overlap."""
+    if not layout:
+        raise ValueError(f"{where} maps no sensor")
+    taken: dict[tuple[str, int], str] = {}
+    for sensor, register in layout.items():
+        spec = sensors.get(sensor)
+        if spec is None:
+            raise ValueError(f"{where}.{sensor}: not a sensor of the asset type")
+        _check_unit(f"{where}.{sensor}", register.unit, spec)
+        for address in range(register.address, register.address + register.width):
+            other = taken.setdefault((register.kind, address), sensor)
+            if other != sensor:
+                raise ValueError(
+                    f"{where}.{sensor}: {register.kind} register {address} is also {other}'s"
+                )
+
+
+def _check_resources(
+    where: str, resources: CoapResources, sensors: Mapping[str, SensorSpec]
+) -> None:
+    """Sensors exist, units are theirs, and no two share a path."""
+    if not resources:
+        raise ValueError(f"{where} maps no sensor")
+    paths: dict[str, str] = {}
+    for sensor, resource in resources.items():
+        spec = sensors.get(sensor)
+        if spec is None:
+            raise ValueError(f"{where}.{sensor}: not a sensor of the asset type")
+        _check_unit(f"{where}.{sensor}", resource.unit, spec)
+        other = paths.setdefault(resource.path, sensor)
+        if other != sensor:
+            raise ValueError(f"{where}.{sensor}: path {resource.path!r} is also {other}'s")
+
 
 class Entity(_Strict):
     """One machine in the plant."""
@@ -353,6 +410,8 @@ class Entity(_Strict):
     line: str = Field(pattern=_SEGMENT)
     parent: str | None = None
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    modbus: ModbusDevice | None = Field(default=None, description="read over Modbus TCP")
+    coap: CoapDevice | None = Field(default=None, description="observed over CoAP")
 
 
 class TwinModel(_Strict):
@@ -381,7 +440,64 @@ class TwinModel(_Strict):
                 raise ValueError(
                     f"entities[{index}] ({entity.id}): parent {entity.parent!r} is not an entity"
                 )
+        self._field_maps_complete()
         return self
+
+    def _field_maps_complete(self) -> None:
+        units: dict[tuple[str, int, int], str] = {}
+        resources: dict[tuple[str, int, str], str] = {}
+        for index, entity in enumerate(self.entities):
+            where = f"entities[{index}] ({entity.id})"
+            asset = self.asset_types[entity.type]
+            if entity.modbus is not None:
+                layout = entity.modbus.registers
+                if layout is None and asset.modbus is None:
+                    raise ValueError(
+                        f"{where}.modbus: no registers, and asset type {entity.type!r} gives "
+                        "no modbus layout either"
+                    )
+                if layout is not None:
+                    _check_layout(f"{where}.modbus.registers", layout, asset.sensors)
+                device = (entity.modbus.host, entity.modbus.port, entity.modbus.unit_id)
+                other = units.setdefault(device, entity.id)
+                if other != entity.id:
+                    raise ValueError(
+                        f"{where}.modbus: unit {device[2]} at {device[0]}:{device[1]} is "
+                        f"already {other}'s"
+                    )
+            if entity.coap is not None:
+                coap = entity.coap
+                if coap.telemetry is None and coap.resources is None and asset.coap is None:
+                    raise ValueError(
+                        f"{where}.coap: neither telemetry nor resources, and asset type "
+                        f"{entity.type!r} gives no coap resources either"
+                    )
+                if coap.resources is not None:
+                    _check_resources(f"{where}.coap.resources", coap.resources, asset.sensors)
+                paths = (
+                    [coap.telemetry]
+                    if coap.telemetry is not None
+                    else [resource.path for resource in self.coap_resources(entity).values()]
+                )
+                for path in paths:
+                    other = resources.setdefault((coap.host, coap.port, path), entity.id)
+                    if other != entity.id:
+                        raise ValueError(
+                            f"{where}.coap: resource {path!r} at {coap.host}:{coap.port} is "
+                            f"already {other}'s"
+                        )
+
+    def modbus_layout(self, entity: Entity) -> dict[str, ModbusRegister]:
+        """The registers ``entity``'s device is read at (empty when it has no Modbus map)."""
+        if entity.modbus is None:
+            return {}
+        return dict(entity.modbus.registers or self.asset_types[entity.type].modbus or {})
+
+    def coap_resources(self, entity: Entity) -> dict[str, CoapResource]:
+        """Per-sensor resources of ``entity`` (empty for none, or one telemetry resource)."""
+        if entity.coap is None or entity.coap.telemetry is not None:
+            return {}
+        return dict(entity.coap.resources or self.asset_types[entity.type].coap or {})
 
     @cached_property
     def by_id(self) -> dict[str, Entity]:

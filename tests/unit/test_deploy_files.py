@@ -253,6 +253,12 @@ def test_prometheus_scrapes_every_twinflow_process_on_its_metrics_port() -> None
         "bridge-opcua": defaults.opcua_bridge_port,
         "serve": defaults.serve_port,
     }
+    # The Modbus and CoAP bridges share the field simulator's network (its address is
+    # the one the field devices' model gives), so Prometheus reaches them through it.
+    shared = {
+        "bridge-modbus": defaults.modbus_bridge_port,
+        "bridge-coap": defaults.coap_bridge_port,
+    }
     config = yaml.safe_load((INFRA / "prometheus" / "compose.yml").read_text())
     targets = {
         target
@@ -262,9 +268,13 @@ def test_prometheus_scrapes_every_twinflow_process_on_its_metrics_port() -> None
     }
     services = _compose()["services"]
     assert {f"{name}:{port}" for name, port in ports.items()} <= targets
-    for name in ports:
+    assert {f"field-simulator:{port}" for port in shared.values()} <= targets
+    for name in [*ports, *shared]:
         # Scraped across the compose network, so the endpoint must not bind loopback.
         assert services[name]["environment"]["TWINFLOW_METRICS__HOST"] == "0.0.0.0"
+    for name in shared:
+        assert services[name]["network_mode"] == "service:field-simulator"
+    ports |= shared
     workloads = _kind("StatefulSet") + _kind("Deployment")
     assert len(workloads) == len(ports)
     for doc in workloads:

@@ -36,6 +36,8 @@ def test_config_scrapes_flow_processes_bridges_serve_and_itself(tmp_path: Path) 
         flow_port=19250,
         mqtt_bridge_port=19261,
         opcua_bridge_port=19262,
+        modbus_bridge_port=19264,
+        coap_bridge_port=19265,
         serve_port=19263,
         prometheus_port=19090,
         scrape_interval_s=7,
@@ -44,7 +46,7 @@ def test_config_scrapes_flow_processes_bridges_serve_and_itself(tmp_path: Path) 
     assert config["global"] == {"scrape_interval": "7s", "evaluation_interval": "7s"}
     assert _targets(config) == {
         "twinflow-flow": [f"127.0.0.1:{port}" for port in (19250, 19251, 19252, 19253)],
-        "twinflow-bridges": ["127.0.0.1:19261", "127.0.0.1:19262"],
+        "twinflow-bridges": [f"127.0.0.1:{port}" for port in (19261, 19262, 19264, 19265)],
         "twinflow-serve": ["127.0.0.1:19263"],
         "prometheus": ["127.0.0.1:19090"],
     }

@@ -40,7 +40,12 @@ class PrometheusService(LocalService):
         host = "127.0.0.1" if metrics.host in _WILDCARDS else metrics.host
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal in host:port
-        bridge_ports = [metrics.mqtt_bridge_port, metrics.opcua_bridge_port]
+        bridge_ports = [
+            metrics.mqtt_bridge_port,
+            metrics.opcua_bridge_port,
+            metrics.modbus_bridge_port,
+            metrics.coap_bridge_port,
+        ]
         serve_ports = [metrics.serve_port]
         flow_ports = [metrics.flow_port]
         if metrics.per_process_port:

@@ -1,4 +1,8 @@
-"""``twinflow simulate``: play a scenario over MQTT and/or an OPC UA server.
+"""``twinflow simulate``: play a scenario over MQTT, an OPC UA server, Modbus TCP, CoAP.
+
+Modbus and CoAP serve only the entities whose twin model has a Modbus map or CoAP
+resources, at the addresses the model gives (:mod:`twinflow.sim.modbus_server`,
+:mod:`twinflow.sim.coap_server`).
 
 The simulated machines obey commands: over MQTT on each entity's command topic
 (``<prefix>/<site>/<line>/<entity>/cmd``, QoS 1, JSON :class:`~schemas.control.Command`),
@@ -54,6 +58,8 @@ class SimulateOptions:
 
     mqtt: bool = True
     opcua: bool = False
+    modbus: bool = False
+    coap: bool = False
     speed: float | None = 1.0
     """Simulated seconds per wall second; None publishes as fast as possible."""
     ground_truth_file: Path | None = None
@@ -235,6 +241,20 @@ async def _play(
             server = await stack.enter_async_context(
                 PlantOpcUaServer(settings.opcua, model, entity_ids, actuators)
             )
+        # Modbus and CoAP serve the entities with a map of that protocol, by entity id.
+        field_servers: list[tuple[Any, frozenset[str]]] = []
+        if options.modbus:
+            from twinflow.sim.modbus_server import PlantModbusServer
+
+            ids = frozenset(e.id for e in scenario.entities if e.modbus is not None)
+            modbus_server = PlantModbusServer(model, sorted(ids))
+            field_servers.append((await stack.enter_async_context(modbus_server), ids))
+        if options.coap:
+            from twinflow.sim.coap_server import PlantCoapServer
+
+            ids = frozenset(e.id for e in scenario.entities if e.coap is not None)
+            coap_server = PlantCoapServer(model, sorted(ids))
+            field_servers.append((await stack.enter_async_context(coap_server), ids))
         last_report = started
 
         async def pace(at_ms: int) -> None:
@@ -258,6 +278,9 @@ async def _play(
                 await server.publish(sample)
             elif count % 256 == 0:
                 await asyncio.sleep(0)
+            for field_server, ids in field_servers:
+                if sample.entity_id in ids:
+                    await field_server.publish(sample)
             for emission in encoder.feed(sample, scenario.tick_ms):
                 send(emission)
             if time.monotonic() - last_report >= 1.0:
