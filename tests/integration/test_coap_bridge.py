@@ -561,7 +561,7 @@ def test_values_arrive_as_served_and_once_each_after_the_server_is_killed(
     missing = sum(_missing(ticks) for run_ticks in runs for ticks in run_ticks.values())
     chaos_table.append(
         {
-            "fault": "16. CoAP server SIGKILL, new server on the same ports",
+            "fault": "17. CoAP server SIGKILL, new server on the same ports",
             "runs": 2,
             "lost": missing,
             "duplicates": duplicates,

@@ -537,7 +537,7 @@ def test_served_values_arrive_and_polling_resumes_after_a_server_is_killed(
 
     chaos_table.append(
         {
-            "fault": "9. Modbus TCP server SIGKILL, new server on the same port",
+            "fault": "16. Modbus TCP server SIGKILL, new server on the same port",
             "runs": 1,
             "lost": 0,
             "duplicates": len(keys) - len(set(keys)),
