@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Literal
 
 import msgspec
 
@@ -48,6 +49,19 @@ class Reason(StrEnum):
     """A Modbus device answered a read with an exception response."""
     BAD_PAYLOAD = "bad_payload"
     """A field-protocol value that is not a number (a CoAP resource's text)."""
+
+
+class RawReading(msgspec.Struct, frozen=True):
+    """The single form as the bridges write it: every field they know set."""
+
+    entity_id: str
+    sensor: str
+    ts: int
+    """Epoch milliseconds."""
+    value: float
+    unit: str
+    quality: Literal["good", "uncertain", "bad"]
+    source: str
 
 
 class SchemaError(ValueError):

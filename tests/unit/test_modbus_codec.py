@@ -15,12 +15,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.raw import Reason, decode_raw
+from schemas.raw import RawReading, Reason, decode_raw
 from tests.unit.test_modbus_map import PLANT
 from twinflow.bridges.modbus import run
 from twinflow.bridges.modbus_codec import (
     DeviceAddress,
-    RawReading,
     ReadRange,
     Rejected,
     decode,

@@ -19,12 +19,11 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
 
 import msgspec
 
 from schemas import deadletter
-from schemas.raw import Reason, SchemaError, decode_raw
+from schemas.raw import RawReading, Reason, SchemaError, decode_raw
 
 MAX_PAYLOAD_BYTES = 900 * 1024
 """Larger bodies cannot go to Kafka whole (its default message limit is 1 MiB)."""
@@ -78,18 +77,6 @@ class TelemetryResource:
 
 
 ObservedResource = SensorResource | TelemetryResource
-
-
-class CoapReading(msgspec.Struct, frozen=True):
-    """The single form of the raw contract, as the bridge writes a per-sensor value."""
-
-    entity_id: str
-    sensor: str
-    ts: int
-    value: float
-    unit: str
-    quality: Literal["good"]
-    source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +137,7 @@ def _decode_number(resource: SensorResource, payload: bytes, arrived_ms: int) ->
     value = float(text)
     if not math.isfinite(value):
         return Rejected(Reason.NON_FINITE, f"{resource.sensor} is {text[:100]} (overflows)")
-    reading = CoapReading(
+    reading = RawReading(
         entity_id=resource.entity_id,
         sensor=resource.sensor,
         ts=arrived_ms,

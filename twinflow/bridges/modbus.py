@@ -41,11 +41,10 @@ from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
 from connectors.kafka import ensure_topics, reliable_producer
 from schemas import deadletter
-from schemas.raw import Reason
+from schemas.raw import RawReading, Reason
 from twinflow import metrics
 from twinflow.bridges.modbus_codec import (
     PolledDevice,
-    RawReading,
     Rejected,
     decode,
     polled_devices,

@@ -43,11 +43,10 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import msgspec
 
-from schemas.raw import Reason
+from schemas.raw import RawReading, Reason
 from twinflow.errors import ConfigError
 from twinflow.modbus_map import ModbusRegister, RegisterKind
 from twinflow.settings import ModbusSettings, env_name
@@ -70,18 +69,6 @@ EXCEPTION_NAMES = {
 """Exception codes by their names in the Modbus application protocol spec (7)."""
 
 _KIND_ORDER: dict[RegisterKind, int] = {"holding": 0, "input": 1}
-
-
-class RawReading(msgspec.Struct, frozen=True):
-    """The single form of the raw contract, every field the bridge knows set."""
-
-    entity_id: str
-    sensor: str
-    ts: int
-    value: float
-    unit: str
-    quality: Literal["good"]
-    source: str
 
 
 @dataclass(frozen=True, slots=True)

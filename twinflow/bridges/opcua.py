@@ -47,6 +47,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from connectors.kafka import ensure_topics, reliable_producer
 from connectors.opcua import certificate_der, certificate_uri, fingerprint
 from schemas.control import Command, DeliveryStatus
+from schemas.raw import RawReading
 from twinflow import metrics
 from twinflow.bridges.commands import CommandLoop, Done, NotServed, Outcome, Retry
 from twinflow.errors import TwinflowError
@@ -148,18 +149,6 @@ class CommandTargets:
 
     command_id: ua.NodeId
     setpoints: dict[str, ua.NodeId] = field(default_factory=dict)
-
-
-class RawReading(msgspec.Struct, frozen=True):
-    """The single form of the raw contract, every field the bridge knows set."""
-
-    entity_id: str
-    sensor: str
-    ts: int
-    value: float
-    unit: str
-    quality: Quality
-    source: str
 
 
 class ReportedSetpoint(msgspec.Struct, frozen=True):
