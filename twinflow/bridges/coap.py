@@ -44,7 +44,7 @@ from aiocoap.protocol import Request
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka import Message as KafkaMessage
 
-from connectors.kafka import ensure_topics, reliable_producer
+from connectors.kafka import reliable_producer
 from schemas.raw import Reason
 from twinflow import metrics
 from twinflow.bridges.coap_codec import (
@@ -56,6 +56,7 @@ from twinflow.bridges.coap_codec import (
     dead_letter,
     decode,
 )
+from twinflow.bridges.running import run_bridge
 from twinflow.errors import ConfigError, TwinflowError
 from twinflow.settings import Settings
 from twinflow.topics import ingest_topics
@@ -105,18 +106,13 @@ def run(settings: Settings, model: TwinModel, stop: threading.Event | None = Non
     Raises :class:`DeliveryError` when Kafka refuses or times out a message; lost
     observations are re-registered with back-off.
     """
-    port = settings.metrics.coap_bridge_port
-    with metrics.serving(settings.metrics, port, "coap_bridge_port"):
-        ensure_topics(settings.kafka, ingest_topics(settings.topics))
-        bridge = _Bridge(settings, model, stop or threading.Event())
-        try:
-            asyncio.run(bridge.forward())
-        except BaseException:
-            # Keep what was received, but let the first failure be the one raised.
-            with contextlib.suppress(DeliveryError):
-                bridge.finish()
-            raise
-        bridge.finish()
+    run_bridge(
+        settings,
+        "coap_bridge_port",
+        ingest_topics(settings.topics),
+        lambda: _Bridge(settings, model, stop or threading.Event()),
+        DeliveryError,
+    )
 
 
 class _Lost(Exception):

@@ -25,7 +25,6 @@ device answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -39,7 +38,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
-from connectors.kafka import ensure_topics, reliable_producer
+from connectors.kafka import reliable_producer
 from schemas import deadletter
 from schemas.raw import RawReading, Reason
 from twinflow import metrics
@@ -50,6 +49,7 @@ from twinflow.bridges.modbus_codec import (
     polled_devices,
     refused,
 )
+from twinflow.bridges.running import run_bridge
 from twinflow.errors import ConfigError, TwinflowError
 from twinflow.settings import Settings
 from twinflow.topics import ingest_topics
@@ -85,18 +85,13 @@ def run(settings: Settings, model: TwinModel, stop: threading.Event | None = Non
             "the twin model maps no entity to a Modbus device: give the entities to poll "
             "a `modbus:` device (host, port, unit_id) and a register layout"
         )
-    port = settings.metrics.modbus_bridge_port
-    with metrics.serving(settings.metrics, port, "modbus_bridge_port"):
-        ensure_topics(settings.kafka, ingest_topics(settings.topics))
-        bridge = _Bridge(settings, devices, stop or threading.Event())
-        try:
-            asyncio.run(bridge.forward())
-        except BaseException:
-            # Keep what was read, but let the first failure be the one raised.
-            with contextlib.suppress(DeliveryError):
-                bridge.finish()
-            raise
-        bridge.finish()
+    run_bridge(
+        settings,
+        "modbus_bridge_port",
+        ingest_topics(settings.topics),
+        lambda: _Bridge(settings, devices, stop or threading.Event()),
+        DeliveryError,
+    )
 
 
 class _Unreachable(Exception):

@@ -44,12 +44,13 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from confluent_kafka import KafkaError, Message, Producer
 
-from connectors.kafka import ensure_topics, reliable_producer
+from connectors.kafka import reliable_producer
 from connectors.opcua import certificate_der, certificate_uri, fingerprint
 from schemas.control import Command, DeliveryStatus
 from schemas.raw import RawReading
 from twinflow import metrics
 from twinflow.bridges.commands import CommandLoop, Done, NotServed, Outcome, Retry
+from twinflow.bridges.running import run_bridge
 from twinflow.errors import TwinflowError
 from twinflow.settings import OpcUaSettings, Settings
 from twinflow.topics import control_topics, ingest_topics
@@ -285,19 +286,14 @@ def run(settings: Settings, model: TwinModel, stop: threading.Event | None = Non
     bridge's credentials, and CommandLoopError when Kafka does not take a command's
     result; connection failures are retried with backoff.
     """
-    port = settings.metrics.opcua_bridge_port
-    with metrics.serving(settings.metrics, port, "opcua_bridge_port"):
-        topics = settings.topics
-        ensure_topics(settings.kafka, [*ingest_topics(topics), *control_topics(topics)])
-        bridge = _Bridge(settings, model, stop or threading.Event())
-        try:
-            asyncio.run(bridge.forward())
-        except BaseException:
-            # Keep what was received, but let the first failure be the one raised.
-            with contextlib.suppress(DeliveryError):
-                bridge.finish()
-            raise
-        bridge.finish()
+    topics = settings.topics
+    run_bridge(
+        settings,
+        "opcua_bridge_port",
+        [*ingest_topics(topics), *control_topics(topics)],
+        lambda: _Bridge(settings, model, stop or threading.Event()),
+        DeliveryError,
+    )
 
 
 class _ConnectionLost(Exception):
