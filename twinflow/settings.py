@@ -74,7 +74,9 @@ class KafkaSettings(_Section):
     bootstrap_servers: str | None = Field(
         default=None, description="brokers clients connect to; default: the local broker"
     )
-    heap: HeapSize = Field(default="1g", description="JVM max heap of the local broker")
+    heap: HeapSize = Field(
+        default="1g", description="JVM heap of the local broker, fixed and resident from the start"
+    )
     default_partitions: int = Field(default=4, ge=1, le=1024)
     security_protocol: str = Field(
         default="PLAINTEXT",
@@ -205,7 +207,8 @@ class QuestDBSettings(_Section):
         description="HTTP basic auth user (REST, ILP over HTTP); the local server's http.user",
     )
     heap: HeapSize = Field(
-        default="1g", description="JVM heap of the local server; data is off-heap"
+        default="1g",
+        description="JVM heap of the local server, fixed and resident; data is off-heap",
     )
 
     @field_validator("http_password")

@@ -23,6 +23,7 @@ from twinflow.services.process import port_accepts
 from twinflow.services.provision import (
     INFRA_DIR,
     Progress,
+    heap_options,
     resolve_jars,
     resolve_java,
     resolve_tool,
@@ -309,8 +310,7 @@ class KafkaService(LocalService):
         classpath = f"{lib.resolve()}/*"
         java_argv = [
             java,
-            "-Xms128m",
-            f"-Xmx{self.settings.kafka.heap}",
+            *heap_options(self.settings.kafka.heap),
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",

@@ -201,6 +201,20 @@ def check_java(java: str) -> int:
     return major
 
 
+def heap_options(heap: str) -> list[str]:
+    """JVM options for a server's heap: fixed at ``heap`` and resident from the start.
+
+    As Kafka's own start script and Elasticsearch do: a heap that grows on demand makes
+    the process's memory climb for an hour toward its maximum, which hides a native
+    leak behind normal growth (the soak judges memory by resident size); pre-touched,
+    resident memory changes only outside the heap.
+
+    >>> heap_options("1g")
+    ['-Xms1g', '-Xmx1g', '-XX:+AlwaysPreTouch']
+    """
+    return [f"-Xms{heap}", f"-Xmx{heap}", "-XX:+AlwaysPreTouch"]
+
+
 def resolve_jars(mvn: str, pom: Path, dest: Path, progress: Progress) -> list[Path]:
     """Copy the runtime jars ``pom`` depends on into ``dest`` (skipped when up to date).
 

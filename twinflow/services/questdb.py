@@ -7,6 +7,7 @@ from twinflow.services.base import LocalService
 from twinflow.services.provision import (
     INFRA_DIR,
     Progress,
+    heap_options,
     resolve_jars,
     resolve_java,
     resolve_tool,
@@ -69,8 +70,7 @@ class QuestDBService(LocalService):
         (questdb_jar,) = (jar for jar in jars if jar.name.startswith("questdb-"))
         return [
             java,
-            "-Xms128m",
-            f"-Xmx{self.settings.questdb.heap}",
+            *heap_options(self.settings.questdb.heap),
             "-Djava.awt.headless=true",
             "-p",
             str(questdb_jar.resolve()),
