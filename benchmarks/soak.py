@@ -873,14 +873,14 @@ def run_soak(base: Settings, options: Options, say: Callable[[str], None]) -> Pa
             sample_load(soak, sampler, run.seconds)
         except KeyboardInterrupt:
             soak.interrupted = True
-            soak.error("interrupted", "stopped by Ctrl-C before the end")
+            soak.error("interrupted", "stopped (Ctrl-C or SIGTERM) before the end")
         for name in ("producer", "simulator"):
             soak.children[name].stop()
         soak.check_exits()
         counts = drain(soak, sampler, list(run.plant), run.seconds)
     except KeyboardInterrupt:
         soak.interrupted = True
-        soak.error("interrupted", "stopped by Ctrl-C")
+        soak.error("interrupted", "stopped (Ctrl-C or SIGTERM)")
     except Exception as exc:
         # Whatever stopped the run is its first error; the report is still written.
         soak.error("run", f"{type(exc).__name__}: {exc}")
@@ -1220,6 +1220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"{datetime.now():%H:%M:%S} {message}", flush=True)  # noqa: DTZ005
 
+    # A soak started in the background (``nohup … &``) ignores SIGINT; ``kill PID`` must
+    # still stop its processes and write the report, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         settings = load_settings()
         options = Options(args.minutes, args.rate, args.out, args.every, args.keep_data)

@@ -523,7 +523,13 @@ class FlowSettings(_Section):
         description="maintenance is due (an alarm) when a sensor's trend may reach its "
         "alarm limit within this many hours (the lower bound of its time to limit)",
     )
-    snapshot_interval_s: float = Field(default=10.0, gt=0, description="recovery snapshot interval")
+    snapshot_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="recovery snapshot interval: a snapshot pickles every twin of the "
+        "worker, so its share of the worker is its cost over this interval; a restart "
+        "replays at most this much input",
+    )
     sink_give_up_s: float = Field(
         default=900.0,
         gt=0,
