@@ -9,7 +9,7 @@ help:
 	@echo "make test   - install everything, then lint, type-check and run all tests"
 	@echo "make up | down | status - manage the local services"
 	@echo "make evaluate - detection quality of the default detector on NAB, SKAB and the simulator (no services)"
-	@echo "make chaos  - every fault and security recipe (about 25 min), then the chaos table"
+	@echo "make chaos  - every fault and security recipe (16-25 min), then the chaos table"
 	@echo "make soak   - the whole pipeline for 60 min at half the measured maximum, on its own stack; report in .twinflow/soak"
 
 venv:
