@@ -479,6 +479,31 @@ def total(
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
+FLOW_MEMORY = {
+    "malloc in use MiB": ("twinflow_malloc_in_use_bytes", 2**-20),
+    "malloc free MiB": ("twinflow_malloc_free_bytes", 2**-20),
+    "Kafka fetch queues MiB": ("twinflow_kafka_fetch_queue_bytes", 2**-20),
+    "Python blocks (k)": ("twinflow_python_allocated_blocks", 1e-3),
+}
+"""Where the flow's memory is, from its own gauges: what it holds, what its allocator
+keeps, what its Kafka client fetched ahead."""
+
+
+def flow_memory(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float],
+) -> dict[str, float]:
+    """The flow's memory gauges in the report's units (those it exports).
+
+    >>> flow_memory({("twinflow_malloc_free_bytes", frozenset()): 3 * 2**20})
+    {'malloc free MiB': 3.0}
+    """
+    found = {}
+    for label, (name, scale) in FLOW_MEMORY.items():
+        if any(n == name for n, _ in samples):
+            found[label] = round(total(samples, name) * scale, 1)
+    return found
+
+
 # -- the paced producer (its own process) ------------------------------------------------
 
 
@@ -687,6 +712,7 @@ class Sampler:
             "questdb_rows": self.questdb_rows(),
             "lag": max(0, highs - int(consumed)) if highs is not None else None,
             "wal_lag": self.wal_lag(),
+            "flow_memory": flow_memory(flow),
             "accepted": total(flow, "twinflow_readings_accepted_total"),
             "produced": _status(soak.work / "producer-status.json").get("readings", 0),
         }
@@ -1025,6 +1051,10 @@ def _series(doc: dict[str, Any]) -> dict[str, list[float]]:
         found[f"anon RSS MiB: {name}"] = [
             s["anon_mib"][name] for s in samples if name in s["anon_mib"]
         ]
+    for label in FLOW_MEMORY:
+        found[f"flow {label}"] = [
+            s["flow_memory"][label] for s in samples if label in s.get("flow_memory", {})
+        ]
     found["consumer lag (messages)"] = [s["lag"] for s in samples if s["lag"] is not None]
     found["WAL lag (txns)"] = [s["wal_lag"] for s in samples if s["wal_lag"] is not None]
     return found
@@ -1069,6 +1099,9 @@ def markdown(doc: dict[str, Any]) -> str:
         if name.startswith("anon"):
             g = v["memory"].get(name.split(": ", 1)[1], {}).get("growth_per_hour")
             growth = "-" if g is None else f"{g:+.1%}"
+        elif name.removeprefix("flow ") in FLOW_MEMORY:
+            g = _flow_memory_growth(doc, name.removeprefix("flow "))
+            growth = "-" if g is None else f"{g:+.1%} (info)"
         lines.append(
             f"| {name} | {s.start:,.1f} | {s.end:,.1f} | {s.min:,.1f} | {s.max:,.1f} "
             f"| {s.mean:,.1f} | {growth} |"
@@ -1080,6 +1113,18 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [f"- t={e['t']} s {e['kind']}: {e['detail']}" for e in doc["errors"]] or ["none"]
     lines.append("")
     return "\n".join(lines)
+
+
+def _flow_memory_growth(doc: dict[str, Any], label: str) -> float | None:
+    """A flow memory gauge's growth per hour over the second half (not a verdict)."""
+    config = doc["config"]
+    split = config.get("load_from_s", 0.0) + config["seconds"] / 2
+    points = [
+        (s["t"], s["flow_memory"][label])
+        for s in doc["samples"]
+        if label in s.get("flow_memory", {})
+    ]
+    return growth_per_hour([t for t, _ in points], [v for _, v in points], split)
 
 
 def _rates_table(doc: dict[str, Any]) -> list[str]:
@@ -1136,7 +1181,7 @@ def _caveats(doc: dict[str, Any]) -> list[str]:
 
 
 def chart(doc: dict[str, Any], path: Path) -> None:
-    """Four panels over time: RSS per process, consumer lag, WAL lag, readings/s."""
+    """Six panels over time: RSS, consumer lag, WAL lag, readings/s, CPU, flow memory."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1144,7 +1189,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
     samples = doc["samples"]
     minutes = np.array([s["t"] / 60 for s in samples])
-    fig, axes = plt.subplots(5, 1, figsize=(10, 15), sharex=True)
+    fig, axes = plt.subplots(6, 1, figsize=(10, 18), sharex=True)
     for name in doc["processes"]:
         points = [(s["t"] / 60, s["rss_mib"][name]) for s in samples if name in s["rss_mib"]]
         axes[0].plot([t for t, _ in points], [m for _, m in points], label=name)
@@ -1185,7 +1230,21 @@ def chart(doc: dict[str, Any], path: Path) -> None:
             axes[4].plot(t[1:] / 60, np.diff(used) / np.where(dt > 0, dt, np.nan), label=name)
     axes[4].set_ylabel("CPU cores")
     axes[4].legend(fontsize=7, ncol=3)
-    axes[4].set_xlabel("minutes")
+    flow = [s for s in samples if "flow" in s["anon_mib"]]
+    axes[5].plot(
+        [s["t"] / 60 for s in flow], [s["anon_mib"]["flow"] for s in flow], label="anon RSS"
+    )
+    for label in FLOW_MEMORY:
+        if label.endswith("MiB"):
+            points = [
+                (s["t"] / 60, s["flow_memory"][label])
+                for s in flow
+                if label in s.get("flow_memory", {})
+            ]
+            axes[5].plot([t for t, _ in points], [m for _, m in points], label=label)
+    axes[5].set_ylabel("flow memory MiB")
+    axes[5].legend(fontsize=7, ncol=2)
+    axes[5].set_xlabel("minutes")
     verdict = "PASSED" if doc["verdicts"]["passed"] else "FAILED"
     axes[0].set_title(
         f"twinflow soak: {doc['config']['minutes']:g} min at "

@@ -13,6 +13,7 @@ unreachable, or messages are waiting to be fetched, silence is not the entities'
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ _WATERMARK_TIMEOUT_S = 0.5
 _LAG_EVERY_S = 1.0
 _UNANSWERED_WARN_S = 30.0
 """How long ticks may wait for an unanswered watermark query before the log says so."""
+_STATS_EVERY_MS = 5000
 
 
 class KafkaSourceError(TwinflowError):
@@ -126,8 +128,18 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         self._source = source
         self._key = key
         self._partition = partition
+        self._fetch_queue = metrics.kafka_fetch_queue.labels(source.topic, str(partition))
         self._consumer = flow_consumer(
-            source.kafka, **{"queued.min.messages": max(10_000, 2 * source.batch_size)}
+            source.kafka,
+            **{
+                # Read ahead one batch. The queue's memory stays in the process after
+                # it drains (the allocator keeps it), so a deeper one costs RSS to the
+                # peak of every lag for no throughput: a fetch into an emptied queue
+                # returns in milliseconds, and the step spends far longer on a batch.
+                "queued.min.messages": source.batch_size,
+                "statistics.interval.ms": _STATS_EVERY_MS,
+                "stats_cb": self._read_stats,
+            },
         )
         start = OFFSET_BEGINNING if offset is None else offset
         self._consumer.assign([TopicPartition(source.topic, partition, start)])
@@ -218,6 +230,14 @@ class _BatchPartition(StatefulSourcePartition[Batch, int]):
         marks = self._consumer.get_watermark_offsets(partition, cached=True)
         if marks is not None and marks[1] >= 0 and self._next_offset is not None:
             self._lag.set(max(0, marks[1] - self._next_offset))
+
+    def _read_stats(self, stats_json: str) -> None:
+        """The Kafka client's statistics (served by ``consume``): its fetch queue's bytes."""
+        topics = json.loads(stats_json).get("topics", {})
+        partition = topics.get(self._source.topic, {}).get("partitions", {})
+        found = partition.get(str(self._partition), {}).get("fetchq_size")
+        if found is not None:
+            self._fetch_queue.set(found)
 
     def next_awake(self) -> datetime | None:
         return self._awake

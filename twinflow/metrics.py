@@ -11,6 +11,7 @@ counters.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from schemas.outputs import AlarmEvent
 from schemas.raw import Reason
+from twinflow import allocator
 from twinflow.errors import ConfigError
 from twinflow.settings import MetricsSettings, env_name
 
@@ -31,6 +33,11 @@ messages_consumed = Counter(
     "twinflow_messages_consumed",
     "Kafka messages read by the flow's sources (steps raw_in, deadletters_in)",
     ["topic"],
+)
+kafka_fetch_queue = Gauge(
+    "twinflow_kafka_fetch_queue_bytes",
+    "Bytes of messages the flow's Kafka client fetched ahead of the flow and holds",
+    ["topic", "partition"],
 )
 consumer_lag = Gauge(
     "twinflow_kafka_consumer_lag",
@@ -171,6 +178,41 @@ bridge_polls_missed = Counter(
     ["bridge"],
 )
 
+# Every process: where its memory is, to tell what it keeps from what its allocator keeps.
+python_blocks = Gauge(
+    "twinflow_python_allocated_blocks",
+    "Memory blocks the Python interpreter holds (objects and their buffers)",
+)
+python_blocks.set_function(sys.getallocatedblocks)
+malloc_in_use = Gauge(
+    "twinflow_malloc_in_use_bytes",
+    "Bytes the C allocator (glibc) has handed out: large Python objects and buffers, the "
+    "Kafka client's, Bytewax's (0 without glibc)",
+)
+malloc_free = Gauge(
+    "twinflow_malloc_free_bytes",
+    "Bytes freed and kept by the C allocator for reuse; a trim returns their pages to the "
+    "system but they stay counted here (0 without glibc)",
+)
+
+
+def _malloc_in_use() -> float:
+    found = allocator.heap()
+    return found.in_use if found else 0.0
+
+
+def _malloc_free() -> float:
+    found = allocator.heap()
+    return found.free if found else 0.0
+
+
+malloc_in_use.set_function(_malloc_in_use)
+malloc_free.set_function(_malloc_free)
+malloc_trim_seconds = Histogram(
+    "twinflow_malloc_trim_seconds",
+    "Duration of one return of freed memory to the system (flow.malloc_trim_s)",
+    buckets=_SECONDS,
+)
 
 # The twin API (`twinflow serve`).
 serve_requests = Counter(

@@ -22,8 +22,8 @@ from connectors.kafka_source import KafkaBatchSource
 from connectors.questdb import QuestDBHttp, ensure_table
 from connectors.questdb_sink import QuestDBSink
 from flows.twin import build_flow
+from twinflow import allocator, metrics
 from twinflow.errors import TwinflowError, caused_by
-from twinflow.metrics import serving
 from twinflow.recovery_store import PARTITIONS, holds_partitions, prepare_store
 from twinflow.settings import Settings
 from twinflow.tables import tables
@@ -74,7 +74,10 @@ def run_flow(
     # nothing. A flow stops on SIGINT however it was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     port = settings.metrics.flow_process_port(process_id)
-    with serving(settings.metrics, port, "flow_port"):
+    with (
+        metrics.serving(settings.metrics, port, "flow_port"),
+        allocator.trimming(settings.flow.malloc_trim_s, metrics.malloc_trim_seconds.observe),
+    ):
         # Before anything else: a store this twinflow cannot read stops it at once.
         recovery = recovery_config(settings, process_id)
         prepare_outputs(settings)

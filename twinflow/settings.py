@@ -530,6 +530,12 @@ class FlowSettings(_Section):
         "worker, so its share of the worker is its cost over this interval; a restart "
         "replays at most this much input",
     )
+    malloc_trim_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="return the memory the flow freed to the system this often (glibc "
+        "keeps it, and the RSS of the largest burst with it); 0: never",
+    )
     sink_give_up_s: float = Field(
         default=900.0,
         gt=0,

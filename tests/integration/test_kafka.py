@@ -1,10 +1,13 @@
+import time
 import uuid
 
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client import REGISTRY
 
 from connectors.kafka import client_config
+from connectors.kafka_source import KafkaBatchSource, partition_key
 from twinflow.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -64,3 +67,40 @@ def test_auto_topic_creation_is_off(stack: Settings, unique: str) -> None:
         f"test.typo.{unique}"
         not in AdminClient(client_config(stack.kafka)).list_topics(timeout=10).topics
     )
+
+
+def test_the_flow_source_reads_ahead_a_batch_not_the_backlog(stack: Settings, unique: str) -> None:
+    """The Kafka client's fetch queue follows the batch size, and its gauge shows its bytes."""
+    topic = f"test.readahead.{unique}"
+    admin = AdminClient(client_config(stack.kafka))
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
+    producer = Producer(client_config(stack.kafka, **{"linger.ms": 20}))
+    payload = b"x" * 1000
+    for _ in range(20_000):
+        producer.produce(topic, payload)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+    # A batch of one message: the queue refills only once it is empty, one fetch at a time.
+    source = KafkaBatchSource(stack.kafka, topic, batch_size=1)
+    part = source.build_part("test", partition_key(topic, 0), None)
+    queued: list[float] = []
+    read = 0
+    try:
+        # Statistics come every 5 s, served by the source's reads.
+        deadline = time.monotonic() + 11
+        while time.monotonic() < deadline:
+            for _key, batch in part.next_batch():
+                read += len(batch)
+            queued.append(
+                REGISTRY.get_sample_value(
+                    "twinflow_kafka_fetch_queue_bytes", {"topic": topic, "partition": "0"}
+                )
+                or 0.0
+            )
+            time.sleep(0.05)
+    finally:
+        part.close()
+    assert 0 < read < 1000
+    # The backlog is 20 MB; one fetch brings at most max.partition.fetch.bytes (1 MiB).
+    assert 0 < max(queued) <= 2**20 + 2 * len(payload), max(queued)

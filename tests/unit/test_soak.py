@@ -46,6 +46,7 @@ def _doc(
             "t": i * step,
             "rss_mib": {"flow": mib + 80},
             "anon_mib": {"flow": mib},
+            "flow_memory": {"malloc in use MiB": mib / 2, "malloc free MiB": mib / 4 + i},
             "lag": lag[i],
             "wal_lag": (wal or [0] * len(lag))[i],
             "produced": i * 1000,
@@ -164,11 +165,15 @@ def test_the_flow_model_holds_the_plant_first_then_the_machines(tmp_path: Path) 
     assert ids[plant:] == config.entity_ids()
 
 
-def test_the_report_states_each_verdict_and_draws_four_panels(tmp_path: Path) -> None:
+def test_the_report_states_each_verdict_and_draws_its_panels(tmp_path: Path) -> None:
     doc = _doc([100, 140, 150, 157.5, 165], lag=[0, 10, 0, 5, 0])
     doc["verdicts"] = verdicts(doc)
     text = markdown(doc)
     assert "**FAILED**" in text and "| memory flat |" in text and "**no**" in text
     assert "| anon RSS MiB: flow | 100.0 | 165.0 | 100.0 | 165.0 |" in text
+    # Where the flow's memory went is told, with its growth, but is no verdict.
+    assert "| flow malloc in use MiB | 50.0 | 82.5 | 50.0 | 82.5 |" in text
+    free_row = next(line for line in text.splitlines() if "flow malloc free MiB" in line)
+    assert free_row.endswith("(info) |") and "+" in free_row
     chart(doc, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 10_000

@@ -1,0 +1,109 @@
+"""The C allocator of this process: what it holds, and giving freed memory back.
+
+glibc's malloc keeps freed memory in its arenas for reuse and returns it to the system
+only from the top of a heap. A process whose demand comes in bursts keeps the RSS of
+its largest burst: the flow's bursts are the Kafka client's fetch queues filling while
+the flow lags and the buffers of a recovery snapshot, and in a soak its RSS floor crept
+up by the peak of those bursts rather than by anything it kept. ``malloc_trim(0)``
+returns the free pages of every arena (since glibc 2.8, not only the top), so a process
+that trims now and then has an RSS that follows what it holds.
+
+Elsewhere than glibc (musl, macOS) the functions are missing: nothing is measured and
+nothing is trimmed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+log = logging.getLogger("twinflow.allocator")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    libc = ctypes.CDLL(None)
+    if not (hasattr(libc, "mallinfo2") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    libc.mallinfo2.argtypes = []
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+_LIBC = _glibc()
+
+
+@dataclass(frozen=True)
+class Heap:
+    """Bytes the allocator has handed out (arenas and mapped blocks), and bytes it keeps free.
+
+    Free bytes stay counted after a trim has returned their pages: the RSS tells which.
+    """
+
+    in_use: int
+    free: int
+
+
+def heap() -> Heap | None:
+    """The allocator's totals over every arena; None without glibc's ``mallinfo2``."""
+    if _LIBC is None:
+        return None
+    info = _LIBC.mallinfo2()
+    return Heap(in_use=info.uordblks + info.hblkhd, free=info.fordblks)
+
+
+def trim() -> bool:
+    """Return free pages to the system; whether any were (False without glibc)."""
+    return _LIBC is not None and bool(_LIBC.malloc_trim(0))
+
+
+@contextmanager
+def trimming(every_s: float, took: Callable[[float], None]) -> Iterator[None]:
+    """Trim every ``every_s`` seconds (0: never) while the block runs; ``took`` gets each duration.
+
+    A trim locks one arena at a time while it walks its free chunks: milliseconds for
+    hundreds of MiB, which a thread that allocates meanwhile waits for.
+    """
+    if every_s <= 0 or _LIBC is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            started = time.perf_counter()
+            trim()
+            took(time.perf_counter() - started)
+
+    thread = threading.Thread(target=loop, name="malloc-trim", daemon=True)
+    thread.start()
+    log.info("returning freed memory to the system every %g s (flow.malloc_trim_s)", every_s)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
