@@ -5,10 +5,9 @@
 
 Needs the local services (``twinflow up``). N pumps, each a CoAP device of its own on
 127.0.0.1, serve their five sensors as observable resources (``sensor``: one number
-per resource; ``telemetry``: one JSON body per device). A process of its own publishes
-every device's sample once per tick, flat out or at ``--rate`` values/s; the bridge
-runs here and produces to a fresh topic, which is deleted afterwards. Readings are
-counted from the topic's offsets, so counting costs the bridge nothing.
+per resource; ``telemetry``: one JSON body per device). The server process publishes
+every device's sample once per tick, flat out or at ``--rate`` values/s; the run is
+:mod:`benchmarks.bridge_bench`'s.
 
 CoAP observation carries a resource's latest state, not every change (RFC 7641): a
 value replaced before its notification went out is never sent. The report counts those
@@ -21,34 +20,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
 import os
 import platform
 import socket
 import tempfile
-import threading
-import time
-import uuid
 from datetime import UTC, datetime
 from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
+from benchmarks.bridge_bench import Gates, run, write_ticks
 from benchmarks.results import write_results
-from connectors.kafka import TopicSpec, client_config, ensure_topics
 from twinflow.bridges import coap as bridge
 from twinflow.settings import Settings, load_settings
 from twinflow.sim.coap_server import PlantCoapServer
-from twinflow.sim.samples import Sample
 from twinflow.twin_model import load_twin_model
 
-WARMUP_S = 3.0
-DRAIN_S = 5.0
 STEM = "coap_bridge"
 Form = Literal["sensor", "telemetry"]
 
@@ -91,156 +80,54 @@ def write_model(settings: Settings, folder: Path, devices: int, form: Form) -> P
     return path
 
 
-def _serve(
-    model_file: Path,
-    rate: float | None,
-    gates: tuple[ProcessEvent, ProcessEvent, ProcessEvent, ProcessEvent],
-    written: Synchronized[int],
-) -> None:
-    ready, go, pause, stop = gates
+def _serve(model_file: Path, rate: float | None, gates: Gates, written: Synchronized[int]) -> None:
     logging.basicConfig(level=logging.WARNING)
     model = load_twin_model(model_file)
     sensors = {entity.id: list(model.sensors_of(entity.id)) for entity in model.entities}
-    values_per_tick = sum(map(len, sensors.values()))
 
     async def publish() -> None:
         async with PlantCoapServer(model, list(sensors)) as server:
-            last_ts = 0
-
-            async def write(tick: int) -> None:
-                nonlocal last_ts
-                # Distinct timestamps (and so ETags) per tick, even faster than 1 ms.
-                ts_ms = last_ts = max(time.time_ns() // 1_000_000, last_ts + 1)
-                for entity_id, names in sensors.items():
-                    values = {name: float((tick + index) % 100) for index, name in enumerate(names)}
-                    await server.publish(Sample(entity_id, ts_ms, values))
-
-            # Tick 0 is what the bridge finds when it registers.
-            await write(0)
-            ready.set()
-            while not go.is_set():
-                await asyncio.sleep(0.05)
-            started, tick = time.monotonic(), 1
-            while not pause.is_set():
-                if rate is not None:
-                    delay = started + tick * values_per_tick / rate - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                await write(tick)
-                tick += 1
-                with written.get_lock():
-                    written.value += values_per_tick
-            while not stop.is_set():
-                await asyncio.sleep(0.1)
+            await write_ticks(server.publish, sensors, rate, gates, written, modulo=100)
 
     asyncio.run(publish())
-
-
-def _produced(consumer: Consumer, topic: str, partitions: int) -> int:
-    return sum(
-        consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
-        for partition in range(partitions)
-    )
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(
     settings: Settings, devices: int, form: Form, rate: float | None, duration_s: float
 ) -> dict[str, Any]:
     """Run servers and bridge for ``duration_s`` after a warm-up; return the figures."""
-    topic = f"bench.coap.{uuid.uuid4().hex[:10]}"
-    partitions = settings.topics.raw_partitions
-    ensure_topics(settings.kafka, [TopicSpec(topic, partitions)])
     with tempfile.TemporaryDirectory() as folder:
         model_file = write_model(settings, Path(folder), devices, form)
         model = load_twin_model(model_file)
-        bench = settings.model_copy(
-            update={"topics": settings.topics.model_copy(update={"raw": topic})}
-        )
         resources = sum(len(bridge.resources_of(model, entity)) for entity in model.entities)
         per_message = len(model.sensors_of(model.entities[0].id)) if form == "telemetry" else 1
-        context = multiprocessing.get_context("spawn")
-        ready, go, pause_server, stop_server = (context.Event() for _ in range(4))
-        written = context.Value("q", 0)
-        server = context.Process(
-            target=_serve,
-            args=(model_file, rate, (ready, go, pause_server, stop_server), written),
+        measured = run(
+            settings,
+            "coap",
+            model,
+            bridge.run,
+            _serve,
+            (model_file, rate),
+            first_values=resources,
+            duration_s=duration_s,
         )
-        stop_bridge = threading.Event()
-        failures: list[BaseException] = []
-
-        def forward() -> None:
-            try:
-                bridge.run(bench, model, stop_bridge)
-            except BaseException as exc:
-                failures.append(exc)
-
-        bridging = threading.Thread(target=forward)
-        consumer = Consumer(client_config(settings.kafka, **{"group.id": f"bench-{uuid.uuid4()}"}))
-        server.start()
-        try:
-            if not ready.wait(60):
-                raise RuntimeError("the CoAP servers did not start within 60 s")
-            bridging.start()
-            deadline = time.monotonic() + 60
-            while (registered := _produced(consumer, topic, partitions)) < resources:
-                if time.monotonic() > deadline or failures:
-                    raise RuntimeError(
-                        f"the bridge forwarded {registered} of {resources} first values"
-                    )
-                time.sleep(0.2)
-            go.set()
-            time.sleep(WARMUP_S)
-            assert server.pid is not None
-            offered_from, produced_from = written.value, _produced(consumer, topic, partitions)
-            server_cpu_from, bridge_cpu_from = _cpu_s(server.pid), time.process_time()
-            started = time.monotonic()
-            time.sleep(duration_s)
-            elapsed = time.monotonic() - started
-            offered_to, produced_to = written.value, _produced(consumer, topic, partitions)
-            server_cpu = (_cpu_s(server.pid) - server_cpu_from) / elapsed
-            bridge_cpu = (time.process_time() - bridge_cpu_from) / elapsed
-            pause_server.set()
-            # What is still in flight arrives now; then every write is accounted for.
-            time.sleep(DRAIN_S)
-            total_written = written.value
-            total_readings = (_produced(consumer, topic, partitions) - registered) * per_message
-            stop_bridge.set()
-            bridging.join(60)
-        finally:
-            pause_server.set()
-            stop_server.set()
-            stop_bridge.set()
-            if server.is_alive():
-                server.kill()
-            server.join(10)
-            consumer.close()
-            admin = AdminClient(client_config(settings.kafka))
-            for deleted in admin.delete_topics([topic]).values():
-                deleted.result(30)
-    if failures:
-        raise failures[0]
+    total_readings = measured.total_produced * per_message
     return {
         "benchmark": "coap_bridge_throughput",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "form": form,
         "devices": devices,
         "resources": resources,
-        "readings_per_s": round((produced_to - produced_from) * per_message / elapsed, 1),
-        "messages_per_s": round((produced_to - produced_from) / elapsed, 1),
-        "offered_values_per_s": round((offered_to - offered_from) / elapsed, 1),
+        "readings_per_s": round(measured.produced * per_message / measured.elapsed_s, 1),
+        "messages_per_s": round(measured.produced / measured.elapsed_s, 1),
+        "offered_values_per_s": round(measured.written / measured.elapsed_s, 1),
         "target_rate": rate,
-        "measured_s": round(elapsed, 2),
-        "total_written": total_written,
+        "measured_s": round(measured.elapsed_s, 2),
+        "total_written": measured.total_written,
         "total_forwarded": total_readings,
-        "superseded": total_written - total_readings,
-        "server_cpu_cores": round(server_cpu, 2),
-        "bridge_cpu_cores": round(bridge_cpu, 2),
+        "superseded": measured.total_written - total_readings,
+        "server_cpu_cores": measured.server_cpu_cores,
+        "bridge_cpu_cores": measured.bridge_cpu_cores,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }

@@ -6,9 +6,8 @@
 Needs the local services (``twinflow up``). N devices of S sensors each (half float32
 holding registers, half int16 input registers in tenths, so one poll is two reads) sit
 behind K Modbus TCP servers on loopback, in a process of their own that writes new
-values every 50 ms; the bridge runs here, polls each device every ``--poll-interval``
-and produces to a fresh topic, deleted afterwards. Readings are counted from the topic's
-offsets, so counting costs the bridge nothing. The figure is what the bridge forwards;
+values every 50 ms; the bridge polls each device every ``--poll-interval`` (the run is
+:mod:`benchmarks.bridge_bench`'s). The figure is what the bridge forwards;
 ``polls_per_s`` against ``target_polls_per_s`` says whether it kept up (a poll that
 overruns its interval is followed at once, so an overloaded bridge polls slower, it
 does not queue).
@@ -21,26 +20,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
 import os
 import platform
 import socket
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from datetime import UTC, datetime
-from multiprocessing.synchronize import Event as ProcessEvent
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
+from benchmarks.bridge_bench import Gates, run
 from benchmarks.results import write_results
-from connectors.kafka import TopicSpec, client_config, ensure_topics
 from twinflow.bridges import modbus as bridge
 from twinflow.bridges.modbus_codec import polled_devices
 from twinflow.settings import Settings, load_settings
@@ -48,8 +42,6 @@ from twinflow.sim.modbus_server import PlantModbusServer
 from twinflow.sim.samples import Sample
 from twinflow.twin_model import TwinModel, load_twin_model
 
-WARMUP_S = 3.0
-DRAIN_S = 3.0
 TICK_S = 0.05
 
 
@@ -103,8 +95,9 @@ def plant(devices: int, sensors: int, ports: list[int], poll_interval_s: float) 
     }
 
 
-def _serve(model_file: Path, gates: tuple[ProcessEvent, ProcessEvent]) -> None:
-    ready, stop = gates
+def _serve(model_file: Path, gates: Gates, _written: Synchronized[int]) -> None:
+    # Devices change every tick from the start, whatever the gates say: a poll reads
+    # what is there, so the bridge's rate is its own, not the server's.
     logging.basicConfig(level=logging.WARNING)
     model = load_twin_model(model_file)
     sensors = {entity.id: list(model.sensors_of(entity.id)) for entity in model.entities}
@@ -113,30 +106,17 @@ def _serve(model_file: Path, gates: tuple[ProcessEvent, ProcessEvent]) -> None:
         async with PlantModbusServer(model, list(sensors)) as server:
             tick = 0
             started = time.monotonic()
-            while not stop.is_set():
+            while not gates.stop.is_set():
                 ts_ms = time.time_ns() // 1_000_000
                 for entity_id, names in sensors.items():
                     values = {name: float((tick + i) % 1000) for i, name in enumerate(names)}
                     await server.publish(Sample(entity_id, ts_ms, values))
                 if tick == 0:
-                    ready.set()
+                    gates.ready.set()
                 tick += 1
                 await asyncio.sleep(max(0.0, started + tick * TICK_S - time.monotonic()))
 
     asyncio.run(publish())
-
-
-def _produced(consumer: Consumer, topic: str, partitions: int) -> int:
-    return sum(
-        consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
-        for partition in range(partitions)
-    )
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -164,66 +144,21 @@ def measure(
     model_file = folder / "plant.yaml"
     model_file.write_text(yaml.safe_dump(plant(devices, sensors, ports, poll_interval_s)))
     model: TwinModel = load_twin_model(model_file)
-    topic = f"bench.modbus.{uuid.uuid4().hex[:10]}"
-    partitions = settings.topics.raw_partitions
-    ensure_topics(settings.kafka, [TopicSpec(topic, partitions)])
-    bench = settings.model_copy(
-        update={
-            "topics": settings.topics.model_copy(update={"raw": topic}),
-            "metrics": settings.metrics.model_copy(update={"modbus_bridge_port": metrics_port}),
-        }
+    measured = run(
+        settings,
+        "modbus",
+        model,
+        bridge.run,
+        _serve,
+        (model_file,),
+        first_values=devices * sensors,
+        duration_s=duration_s,
+        settings_update={
+            "metrics": settings.metrics.model_copy(update={"modbus_bridge_port": metrics_port})
+        },
     )
-    context = multiprocessing.get_context("spawn")
-    ready, stop_server = context.Event(), context.Event()
-    server = context.Process(target=_serve, args=(model_file, (ready, stop_server)))
-    stop_bridge = threading.Event()
-    failures: list[BaseException] = []
-
-    def forward() -> None:
-        try:
-            bridge.run(bench, model, stop_bridge)
-        except BaseException as exc:
-            failures.append(exc)
-
-    bridging = threading.Thread(target=forward)
-    consumer = Consumer(client_config(settings.kafka, **{"group.id": f"bench-{uuid.uuid4()}"}))
-    server.start()
-    try:
-        if not ready.wait(60):
-            raise RuntimeError("the Modbus servers did not start within 60 s")
-        bridging.start()
-        deadline = time.monotonic() + 60
-        while _produced(consumer, topic, partitions) < devices * sensors:
-            if time.monotonic() > deadline or failures:
-                raise RuntimeError("the bridge did not forward a first poll of every device")
-            time.sleep(0.2)
-        time.sleep(WARMUP_S)
-        assert server.pid is not None
-        produced_from = _produced(consumer, topic, partitions)
-        server_cpu_from, bridge_cpu_from = _cpu_s(server.pid), time.process_time()
-        started = time.monotonic()
-        time.sleep(duration_s)
-        elapsed = time.monotonic() - started
-        produced_to = _produced(consumer, topic, partitions)
-        server_cpu = (_cpu_s(server.pid) - server_cpu_from) / elapsed
-        bridge_cpu = (time.process_time() - bridge_cpu_from) / elapsed
-        stop_bridge.set()
-        bridging.join(60)
-        time.sleep(DRAIN_S)
-    finally:
-        stop_bridge.set()
-        stop_server.set()
-        server.join(10)
-        if server.is_alive():
-            server.kill()
-            server.join(10)
-        consumer.close()
-        admin = AdminClient(client_config(settings.kafka))
-        for deleted in admin.delete_topics([topic]).values():
-            deleted.result(30)
-    if failures:
-        raise failures[0]
-    readings_per_s = (produced_to - produced_from) / elapsed
+    elapsed = measured.elapsed_s
+    readings_per_s = measured.produced / elapsed
     return {
         "benchmark": "modbus_bridge_throughput",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -237,8 +172,8 @@ def measure(
         "reads_per_poll": len(polled_devices(model, settings.modbus)[0].reads),
         "servers": servers,
         "poll_interval_s": poll_interval_s,
-        "server_cpu_cores": round(server_cpu, 2),
-        "bridge_cpu_cores": round(bridge_cpu, 2),
+        "server_cpu_cores": measured.server_cpu_cores,
+        "bridge_cpu_cores": measured.bridge_cpu_cores,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }

@@ -22,9 +22,10 @@ from twinflow.sim.modbus_server import PlantModbusServer
 from twinflow.sim.samples import Sample
 from twinflow.twin_model import load_twin_model
 
-# The dropping sensor drops out on every tick ending in 3.
+# The dropping sensor drops out on the ticks ending in 3, 4 and 5: longer than a test's
+# poll interval (100 ms at 50-ms ticks), so polls of any phase see dropouts.
 DROPOUT_EVERY = 10
-DROPOUT_TICK = 3
+DROPOUT_TICKS = (3, 4, 5)
 
 
 def value_at(entity_index: int, sensor_index: int, tick: int) -> float:
@@ -37,7 +38,7 @@ def value_at(entity_index: int, sensor_index: int, tick: int) -> float:
 
 def dropped_at(tick: int) -> bool:
     """Whether the dropping sensor is in a dropout at ``tick``."""
-    return tick % DROPOUT_EVERY == DROPOUT_TICK
+    return tick % DROPOUT_EVERY in DROPOUT_TICKS
 
 
 def sample_at(

@@ -11,19 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
-import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +29,18 @@ from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.resource import ObservableResource, Site
-from confluent_kafka import Consumer
 from prometheus_client import REGISTRY
 
-from connectors.kafka import TopicSpec, client_config, ensure_topics
+from connectors.kafka import TopicSpec, ensure_topics
 from connectors.questdb import QuestDBHttp
 from schemas.raw import Reason, decode_raw
+from tests.bridge_helpers import (
+    BridgeThread,
+    ServerProcess,
+    TopicMessage,
+    reading,
+    server_process,
+)
 from tests.coap_server_process import TICKS, tick_of, value_at
 from tests.helpers import free_ports, sample, scrape
 from tests.integration.flows import create_topics, flow_process, table_rows, wait_until
@@ -182,51 +182,10 @@ def plant(stack: Settings, unique: str, tmp_path: Path) -> _Plant:
 # --- the server process ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Server:
-    process: subprocess.Popen[str]
-    start_ms: int
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-
-@contextmanager
-def _server_process(plant: _Plant) -> Iterator[_Server]:
+def _server_process(plant: _Plant) -> AbstractContextManager[ServerProcess]:
     """Start the server process; yield it with the ``start_ms`` of its tick 0."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.coap_server_process",
-            "--model",
-            str(plant.model_file),
-            "--entities",
-            ",".join(ENTITIES),
-            "--period-ms",
-            str(PERIOD_MS),
-        ],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline() if ready else ""
-        assert line.startswith("ready "), f"server did not start (said {line!r})"
-        yield _Server(process, int(line.split()[1]))
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(10)
-        assert process.stdin is not None
-        process.stdin.close()
-        assert process.stdout is not None
-        process.stdout.close()
+    args = ["--model", str(plant.model_file), "--entities", ",".join(ENTITIES)]
+    return server_process("tests.coap_server_process", [*args, "--period-ms", str(PERIOD_MS)])
 
 
 class _FixedResource(ObservableResource):  # type: ignore[misc]
@@ -279,92 +238,15 @@ def _fixed_server(port: int, representations: dict[str, bytes]) -> Iterator[None
 # --- the bridge thread and the topics --------------------------------------------------
 
 
-class _BridgeThread:
-    def __init__(self, settings: Settings, model: TwinModel) -> None:
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(settings, model), daemon=True)
-
-    def _run(self, settings: Settings, model: TwinModel) -> None:
-        try:
-            run(settings, model, self.stop)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> _BridgeThread:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the bridge did not stop"
-        assert self.errors == []
+def _resource(message: TopicMessage) -> tuple[str, str]:
+    """(entity, sensor) of a message; "*" for a telemetry body."""
+    return (str(message.body["entity_id"]), str(message.body.get("sensor", "*")))
 
 
-@dataclass(frozen=True)
-class _Message:
-    key: str
-    raw: bytes
-    body: dict[str, Any]
-
-    @property
-    def resource(self) -> tuple[str, str]:
-        """(entity, sensor), "*" for a telemetry body."""
-        return (str(self.body["entity_id"]), str(self.body.get("sensor", "*")))
-
-    @property
-    def ts(self) -> int:
-        ts = self.body["ts"]
-        assert isinstance(ts, int)
-        return ts
-
-
-class _Topic:
-    def __init__(self, settings: Settings, topic: str) -> None:
-        self._consumer = Consumer(
-            client_config(
-                settings.kafka,
-                **{"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest"},
-            )
-        )
-        self._consumer.subscribe([topic])
-        self.messages: list[_Message] = []
-
-    def _read(self) -> None:
-        for message in self._consumer.consume(num_messages=1000, timeout=0.2):
-            assert message.error() is None
-            self.messages.append(
-                _Message(message.key().decode(), message.value(), json.loads(message.value()))
-            )
-
-    def wait_for(self, done: Callable[[list[_Message]], bool], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done(self.messages):
-            assert time.monotonic() < deadline, f"timed out with {len(self.messages)} messages"
-            self._read()
-
-    def settle(self, quiet_s: float, timeout_s: float = 20) -> None:
-        """Read until no message came for ``quiet_s``."""
-        deadline = time.monotonic() + timeout_s
-        last_change, count = time.monotonic(), len(self.messages)
-        while time.monotonic() - last_change < quiet_s:
-            assert time.monotonic() < deadline, "messages kept coming"
-            self._read()
-            if len(self.messages) != count:
-                last_change, count = time.monotonic(), len(self.messages)
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
-@contextmanager
-def _topic(settings: Settings, topic: str) -> Iterator[_Topic]:
-    reader = _Topic(settings, topic)
-    try:
-        yield reader
-    finally:
-        reader.close()
+def _ts(message: TopicMessage) -> int:
+    ts = message.body["ts"]
+    assert isinstance(ts, int)
+    return ts
 
 
 # --- what the server served ------------------------------------------------------------
@@ -378,7 +260,7 @@ class _Served:
     tick: int
 
 
-def _served(message: _Message, plant: _Plant, starts: list[int]) -> _Served:
+def _served(message: TopicMessage, plant: _Plant, starts: list[int]) -> _Served:
     """The tick of which server run ``message`` carries, checking it carries exactly
     what that server served: the same number in the resource's unit, the same body."""
     RAW_SCHEMA.validate(message.body)
@@ -388,7 +270,7 @@ def _served(message: _Message, plant: _Plant, starts: list[int]) -> _Served:
     entity_index = ENTITIES.index(entity)
     specs = plant.model.sensors_of(entity)
     sensors = list(specs)
-    resource = plant.resources()[message.resource]
+    resource = plant.resources()[_resource(message)]
     if not isinstance(resource, SensorResource):
         start = max(s for s in starts if s <= decoded.ts_ms)
         tick, offset = divmod(decoded.ts_ms - start, PERIOD_MS)
@@ -435,13 +317,13 @@ class _Ledger:
         self.starts = starts
         self._checked: dict[int, _Served] = {}
 
-    def served(self, messages: list[_Message]) -> list[_Served]:
+    def served(self, messages: list[TopicMessage]) -> list[_Served]:
         for message in messages:
             if id(message) not in self._checked:
                 self._checked[id(message)] = _served(message, self.plant, self.starts)
         return [self._checked[id(message)] for message in messages]
 
-    def latest_run(self, messages: list[_Message]) -> dict[tuple[str, str], list[int]]:
+    def latest_run(self, messages: list[TopicMessage]) -> dict[tuple[str, str], list[int]]:
         """Ticks by resource of the latest server run."""
         return _ticks(self.served(messages), self.starts[-1])
 
@@ -507,7 +389,7 @@ def test_values_arrive_as_served_and_once_each_after_the_server_is_killed(
     resources = plant.resources().values()
     metrics_port = settings.metrics.coap_bridge_port
     before_run = _bridge_counts()
-    with _topic(settings, settings.topics.raw) as topic, _BridgeThread(settings, plant.model):
+    with reading(settings, settings.topics.raw) as topic, BridgeThread(run, settings, plant.model):
         with _server_process(plant) as first:
             starts = [first.start_ms]
             ledger = _Ledger(plant, starts)
@@ -581,7 +463,7 @@ def test_values_arrive_as_served_and_once_each_after_the_server_is_killed(
     assert sorted(line.split()[2] for line in back_logs) == sorted(plant.devices)
     assert counts["reconnects"] == len(plant.devices)
     # No reading from between the runs.
-    assert all(m.ts < killed_ms or m.ts >= starts[1] - EARLY_MS for m in topic.messages)
+    assert all(_ts(m) < killed_ms or _ts(m) >= starts[1] - EARLY_MS for m in topic.messages)
 
 
 @pytest.mark.chaos
@@ -592,8 +474,8 @@ def test_a_quiet_server_is_observed_again_without_forwarding_a_value_twice(
     settings, every = plant.settings, set(plant.resources())
     with (
         _server_process(plant) as server,
-        _topic(settings, settings.topics.raw) as topic,
-        _BridgeThread(settings, plant.model),
+        reading(settings, settings.topics.raw) as topic,
+        BridgeThread(run, settings, plant.model),
     ):
         starts = [server.start_ms]
         ledger = _Ledger(plant, starts)
@@ -616,7 +498,7 @@ def test_a_quiet_server_is_observed_again_without_forwarding_a_value_twice(
         resumed_ms = time.time_ns() // 1_000_000
         server.send("resume")
         topic.wait_for(
-            lambda got: {m.resource for m in got if m.ts >= resumed_ms} == every, timeout_s=20
+            lambda got: {_resource(m) for m in got if _ts(m) >= resumed_ms} == every, timeout_s=20
         )
 
     keys = [(s.entity, s.sensor, s.tick) for s in ledger.served(topic.messages)]
@@ -660,9 +542,9 @@ def test_malformed_representations_become_dead_letters_with_reason_and_source(
     }
     with (
         _fixed_server(port, representations),
-        _topic(settings, settings.topics.raw) as raw,
-        _topic(settings, settings.topics.deadletter) as dead,
-        _BridgeThread(settings, model),
+        reading(settings, settings.topics.raw) as raw,
+        reading(settings, settings.topics.deadletter) as dead,
+        BridgeThread(run, settings, model),
     ):
         dead.wait_for(lambda got: len(got) >= len(expected), timeout_s=30)
         raw.wait_for(lambda got: len(got) >= 3, timeout_s=10)
@@ -730,7 +612,7 @@ def test_readings_reach_questdb_through_the_flow_in_canonical_units(
     try:
         with (
             _server_process(plant),
-            _BridgeThread(plant.settings, plant.model),
+            BridgeThread(run, plant.settings, plant.model),
         ):
             wait_until(enough, flow, "readings in QuestDB", timeout_s=180)
     finally:

@@ -17,18 +17,12 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
-import select
-import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,14 +31,20 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from confluent_kafka import Consumer
 from prometheus_client import REGISTRY
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ExceptionResponse
 
-from connectors.kafka import TopicSpec, client_config, ensure_topics
+from connectors.kafka import TopicSpec, ensure_topics
 from connectors.questdb import QuestDBHttp
 from schemas.raw import decode_raw
+from tests.bridge_helpers import (
+    BridgeThread,
+    ServerProcess,
+    TopicMessage,
+    TopicReader,
+    server_process,
+)
 from tests.helpers import free_ports, sample, scrape
 from tests.integration.flows import create_topics, flow_process, table_rows, wait_until
 from tests.modbus_server_process import value_at
@@ -183,116 +183,24 @@ def _bridged(stack: Settings, unique: str, **modbus: object) -> Settings:
 # --- the server processes --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Server:
-    process: subprocess.Popen[str]
-    start_ms: int
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-
-@contextlib.contextmanager
 def _server_process(
     model_file: Path, entities: list[str], drop: str | None = None
-) -> Iterator[_Server]:
+) -> AbstractContextManager[ServerProcess]:
     """Start a server process; yield it with the ``start_ms`` of its tick 0."""
     args = ["--model", str(model_file), "--entities", ",".join(entities)]
     args += ["--period-ms", str(PERIOD_MS), *(["--drop", drop] if drop else [])]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.modbus_server_process", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline() if ready else ""
-        assert line.startswith("ready "), f"server did not start (said {line!r})"
-        yield _Server(process, int(line.split()[1]))
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(10)
-        assert process.stdout is not None
-        process.stdout.close()
+    return server_process("tests.modbus_server_process", args)
 
 
 # --- the bridge thread and the topics --------------------------------------------------
 
 
-class _BridgeThread:
-    def __init__(self, settings: Settings, model: TwinModel) -> None:
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(settings, model), daemon=True)
-
-    def _run(self, settings: Settings, model: TwinModel) -> None:
-        try:
-            run(settings, model, self.stop)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> _BridgeThread:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.finish()
-
-    def finish(self) -> None:
-        """Stop the bridge and wait for it; it must have stopped without an error."""
-        self.stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the bridge did not stop"
-        assert self.errors == []
-
-
-@dataclass(frozen=True)
-class _Message:
-    key: str
-    raw: bytes
-    body: dict[str, Any]
-
-
-class _Topic:
-    def __init__(self, settings: Settings, topic: str) -> None:
-        self._consumer = Consumer(
-            client_config(
-                settings.kafka,
-                **{"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest"},
-            )
-        )
-        self._consumer.subscribe([topic])
-        self.messages: list[_Message] = []
-
-    def read(self) -> None:
-        for message in self._consumer.consume(num_messages=1000, timeout=0.2):
-            assert message.error() is None
-            self.messages.append(
-                _Message(message.key().decode(), message.value(), json.loads(message.value()))
-            )
-
-    def wait_for(self, done: Callable[[list[_Message]], bool], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done(self.messages):
-            assert time.monotonic() < deadline, f"timed out with {len(self.messages)} messages"
-            self.read()
-
-    def drain(self, expected: int, timeout_s: float = 20) -> None:
-        """Read until ``expected`` messages are in."""
-        self.wait_for(lambda got: len(got) >= expected, timeout_s)
-        self.read()
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
 @contextlib.contextmanager
-def _topics(settings: Settings) -> Iterator[tuple[_Topic, _Topic]]:
-    raw, dead = _Topic(settings, settings.topics.raw), _Topic(settings, settings.topics.deadletter)
+def _topics(settings: Settings) -> Iterator[tuple[TopicReader, TopicReader]]:
+    raw, dead = (
+        TopicReader(settings, settings.topics.raw),
+        TopicReader(settings, settings.topics.deadletter),
+    )
     try:
         yield raw, dead
     finally:
@@ -310,7 +218,7 @@ def _mapped(model: TwinModel) -> set[tuple[str, str]]:
     }
 
 
-def _readings(messages: list[_Message], since_ms: int = 0) -> dict[tuple[str, str], list[int]]:
+def _readings(messages: list[TopicMessage], since_ms: int = 0) -> dict[tuple[str, str], list[int]]:
     """Timestamps by (entity, sensor) of the readings at or after ``since_ms``."""
     found: dict[tuple[str, str], list[int]] = defaultdict(list)
     for message in messages:
@@ -322,7 +230,7 @@ def _readings(messages: list[_Message], since_ms: int = 0) -> dict[tuple[str, st
 def _seen(entities: list[str], model: TwinModel, since_ms: int, least: int) -> Callable[..., bool]:
     wanted = {key for key in _mapped(model) if key[0] in entities}
 
-    def done(got: list[_Message]) -> bool:
+    def done(got: list[TopicMessage]) -> bool:
         found = _readings(got, since_ms)
         return all(len(found.get(key, [])) >= least for key in wanted)
 
@@ -350,7 +258,7 @@ def _index(entity_id: str) -> int:
     return LINE.index(entity_id) if entity_id in LINE else OTHER.index(entity_id)
 
 
-def _check_reading(message: _Message, model: TwinModel, starts: dict[str, list[int]]) -> None:
+def _check_reading(message: TopicMessage, model: TwinModel, starts: dict[str, list[int]]) -> None:
     """A valid single-form raw reading of a value the server served near its ts."""
     jsonschema.validate(message.body, RAW_SCHEMA)
     decoded = decode_raw(message.raw)
@@ -411,7 +319,7 @@ def _logs(caplog: pytest.LogCaptureFixture, pattern: str) -> list[str]:
     ]
 
 
-def _keys(messages: list[_Message]) -> list[tuple[str, str, int]]:
+def _keys(messages: list[TopicMessage]) -> list[tuple[str, str, int]]:
     return [(m.body["entity_id"], m.body["sensor"], m.body["ts"]) for m in messages]
 
 
@@ -435,7 +343,7 @@ def test_served_values_arrive_and_polling_resumes_after_a_server_is_killed(
         raw, dead = running.enter_context(_topics(bridged))
         pump3 = running.enter_context(_server_process(plant.device_file, OTHER))
         first = running.enter_context(_server_process(plant.device_file, LINE, DROPPING[1]))
-        bridge = running.enter_context(_BridgeThread(bridged, model))
+        bridge = running.enter_context(BridgeThread(run, bridged, model))
         raw.wait_for(_seen([*LINE, *OTHER], model, first.start_ms, 20), timeout_s=30)
         assert _connected(port) == 1
 
@@ -566,7 +474,7 @@ def test_a_silent_link_times_out_and_polling_resumes_on_a_new_connection(
         TcpRelay(relay_port, line_port) as relay,
     ):
         before = _counts()["messages_forwarded"]
-        with _BridgeThread(bridged, model):
+        with BridgeThread(run, bridged, model):
             raw.wait_for(_seen([*LINE, *OTHER], model, server.start_ms, 5), timeout_s=30)
             frozen_at = time.monotonic()
             frozen_ms = time.time_ns() // 1_000_000
@@ -664,7 +572,7 @@ def test_served_values_reach_questdb_in_canonical_units(
         _server_process(plant.device_file, OTHER),
         _server_process(plant.device_file, LINE) as line,
     ):
-        with _BridgeThread(bridged, model):
+        with BridgeThread(run, bridged, model):
             raw.wait_for(_seen([*LINE, *OTHER], model, line.start_ms, 10), timeout_s=30)
         raw.drain(int(_counts()["messages_forwarded"] - before))
     flow = flow_process(stack, topics, tmp_path, "modbus")

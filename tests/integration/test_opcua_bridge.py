@@ -9,30 +9,29 @@ import asyncio
 import json
 import logging
 import os
-import select
-import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import jsonschema
 import pytest
 from asyncua import Client, ua
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import SecretStr
 
 from connectors.kafka import TopicSpec, client_config, ensure_topics
 from schemas.raw import decode_raw
+from tests.bridge_helpers import (
+    BridgeThread,
+    ServerProcess,
+    TopicMessage,
+    reading,
+    server_process,
+)
 from tests.helpers import free_ports, opcua_certificate, sample, scrape
 from tests.opcua_server_process import (
     DROPOUT_EVERY,
@@ -97,145 +96,28 @@ def _opcua_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-@dataclass(frozen=True)
-class _Server:
-    process: subprocess.Popen[str]
-    start_ms: int
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-
-@contextmanager
-def _server_process(settings: Settings) -> Iterator[_Server]:
+def _server_process(settings: Settings) -> AbstractContextManager[ServerProcess]:
     """Start the server process; yield it with the ``start_ms`` of its tick 0."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.opcua_server_process",
-            "--entities",
-            ",".join(ENTITIES),
-            "--period-ms",
-            str(PERIOD_MS),
-        ],
-        cwd=ROOT,
-        env=_opcua_env(settings),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline() if ready else ""
-        assert line.startswith("ready "), f"server did not start (said {line!r})"
-        yield _Server(process, int(line.split()[1]))
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(10)
-        assert process.stdin is not None
-        process.stdin.close()
-        assert process.stdout is not None
-        process.stdout.close()
+    args = ["--entities", ",".join(ENTITIES), "--period-ms", str(PERIOD_MS)]
+    return server_process("tests.opcua_server_process", args, env=_opcua_env(settings))
 
 
-# --- the bridge thread and the topic ---------------------------------------------------
+# --- the bridge's messages --------------------------------------------------------------
 
 
-class _BridgeThread:
-    def __init__(self, settings: Settings, model: TwinModel) -> None:
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(settings, model), daemon=True)
-
-    def _run(self, settings: Settings, model: TwinModel) -> None:
-        try:
-            run(settings, model, self.stop)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> "_BridgeThread":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the bridge did not stop"
-        assert self.errors == []
-
-
-@dataclass(frozen=True)
-class _Message:
-    key: str
-    raw: bytes
-    reading: dict[str, object]
-
-
-class _Topic:
-    def __init__(self, settings: Settings) -> None:
-        self._consumer = Consumer(
-            client_config(
-                settings.kafka,
-                **{"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest"},
-            )
-        )
-        self._consumer.subscribe([settings.topics.raw])
-        self.messages: list[_Message] = []
-
-    def _read(self) -> None:
-        for message in self._consumer.consume(num_messages=1000, timeout=0.2):
-            assert message.error() is None
-            self.messages.append(
-                _Message(message.key().decode(), message.value(), json.loads(message.value()))
-            )
-
-    def wait_for(self, done: Callable[[list[_Message]], bool], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done(self.messages):
-            assert time.monotonic() < deadline, f"timed out with {len(self.messages)} messages"
-            self._read()
-
-    def settle(self, quiet_s: float, timeout_s: float = 20) -> None:
-        """Read until no message came for ``quiet_s``."""
-        deadline = time.monotonic() + timeout_s
-        last_change, count = time.monotonic(), len(self.messages)
-        while time.monotonic() - last_change < quiet_s:
-            assert time.monotonic() < deadline, "messages kept coming"
-            self._read()
-            if len(self.messages) != count:
-                last_change, count = time.monotonic(), len(self.messages)
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
-@contextmanager
-def _topic(settings: Settings) -> Iterator[_Topic]:
-    topic = _Topic(settings)
-    try:
-        yield topic
-    finally:
-        topic.close()
-
-
-def _ts(message: _Message) -> int:
-    ts = message.reading["ts"]
+def _ts(message: TopicMessage) -> int:
+    ts = message.body["ts"]
     assert isinstance(ts, int)
     return ts
 
 
-def _readings(messages: list[_Message], since_ms: int) -> dict[tuple[str, str], list[int]]:
+def _readings(messages: list[TopicMessage], since_ms: int) -> dict[tuple[str, str], list[int]]:
     """Timestamps by (entity, sensor) of the readings at or after ``since_ms``."""
     found: dict[tuple[str, str], list[int]] = defaultdict(list)
     for message in messages:
         ts = _ts(message)
         if ts >= since_ms:
-            found[(str(message.reading["entity_id"]), str(message.reading["sensor"]))].append(ts)
+            found[(str(message.body["entity_id"]), str(message.body["sensor"]))].append(ts)
     return found
 
 
@@ -243,9 +125,9 @@ def _every_sensor(model: TwinModel) -> set[tuple[str, str]]:
     return {(entity, sensor) for entity in ENTITIES for sensor in model.sensors_of(entity)}
 
 
-def _check_message(message: _Message, model: TwinModel, starts: list[int]) -> None:
+def _check_message(message: TopicMessage, model: TwinModel, starts: list[int]) -> None:
     """The message is a valid raw reading carrying exactly what the server wrote."""
-    jsonschema.validate(message.reading, RAW_SCHEMA)
+    jsonschema.validate(message.body, RAW_SCHEMA)
     decoded = decode_raw(message.raw)
     entity, sensor = decoded.entity_id, decoded.sensor
     assert sensor is not None
@@ -276,7 +158,7 @@ def test_readings_flow_and_resume_after_the_server_is_killed(
     caplog.set_level(logging.INFO, logger="twinflow.bridges.opcua")
     every_sensor = _every_sensor(model)
     metrics_port = bridged.metrics.opcua_bridge_port
-    with _topic(bridged) as topic, _BridgeThread(bridged, model):
+    with reading(bridged, bridged.topics.raw) as topic, BridgeThread(run, bridged, model):
         # Counters are process-wide and earlier tests bridged in this process too.
         before_run = _bridge_counts(metrics_port)
         with _server_process(bridged) as first:
@@ -330,9 +212,7 @@ def test_readings_flow_and_resume_after_the_server_is_killed(
     assert set(after) == every_sensor and all(after.values())
     # Every reading of the first run was sent before the kill; none is from between.
     assert max(max(ts) for ts in before.values()) < killed_ms
-    assert all(
-        m.reading["ts"] < killed_ms or m.reading["ts"] >= second_start for m in topic.messages
-    )
+    assert all(m.body["ts"] < killed_ms or m.body["ts"] >= second_start for m in topic.messages)
     # The bridge resumed with every monitored item, soon after the new server was up.
     resume_ms = max(min(ts) for ts in after.values()) - second_start
     assert 0 <= resume_ms <= RESUME_LIMIT_MS, f"resumed after {resume_ms} ms"
@@ -340,7 +220,7 @@ def test_readings_flow_and_resume_after_the_server_is_killed(
     for message in topic.messages:
         _check_message(message, model, [first_start, second_start])
     # No reading twice, not even around the reconnect.
-    keys = [(m.reading["entity_id"], m.reading["sensor"], m.reading["ts"]) for m in topic.messages]
+    keys = [(m.body["entity_id"], m.body["sensor"], m.body["ts"]) for m in topic.messages]
     assert len(keys) == len(set(keys))
     # The outage is reported as a gap, with its length.
     (gap,) = _bridge_logs(caplog, "OPC UA readings resumed after a gap of")
@@ -427,8 +307,8 @@ def test_a_silent_network_drop_is_detected_and_no_reading_is_sent_twice(
     with (
         _server_process(direct) as server,
         TcpRelay(bridged.opcua.port, server_port) as relay,
-        _topic(bridged) as topic,
-        _BridgeThread(bridged, model),
+        reading(bridged, bridged.topics.raw) as topic,
+        BridgeThread(run, bridged, model),
     ):
         topic.wait_for(
             lambda got: set(_readings(got, server.start_ms)) == every_sensor, timeout_s=30
@@ -452,7 +332,7 @@ def test_a_silent_network_drop_is_detected_and_no_reading_is_sent_twice(
 
     # Probe interval (1 s) + probe timeout (2 s) + first backoff (0.5 s) + reconnect.
     assert detected_s < 6, f"reconnected {detected_s:.1f} s after the link froze"
-    keys = [(m.reading["entity_id"], m.reading["sensor"], m.reading["ts"]) for m in topic.messages]
+    keys = [(m.body["entity_id"], m.body["sensor"], m.body["ts"]) for m in topic.messages]
     assert len(keys) == len(set(keys))
     for message in topic.messages:
         _check_message(message, model, [server.start_ms])
@@ -516,7 +396,7 @@ def test_basic256sha256_with_password_and_pinned_server(
     def variant(**update: object) -> Settings:
         return settings.model_copy(update={"opcua": secure.model_copy(update=update)})
 
-    with _server_process(settings) as server, _topic(settings) as topic:
+    with _server_process(settings) as server, reading(settings, settings.topics.raw) as topic:
         start = server.start_ms
         error = _refused(variant(server_cert_file=impostor_cert), model)
         assert "pinned" in str(error) and str(impostor_cert) in str(error)
@@ -537,7 +417,7 @@ def test_basic256sha256_with_password_and_pinned_server(
             }
         )
 
-        with _BridgeThread(settings, model):
+        with BridgeThread(run, settings, model):
             topic.wait_for(
                 lambda got: set(_readings(got, start)) == _every_sensor(model), timeout_s=20
             )

@@ -224,7 +224,10 @@ class _Bridge:
         backoff = _FIRST_BACKOFF_S
         last_ts = 0
         next_at = loop.time()
-        while True:
+        # Not `while True`: on Python 3.11 asyncio.wait_for (inside pymodbus) swallows a
+        # cancellation that arrives as the answer does, and the task would poll on after
+        # the bridge cancelled it to stop.
+        while not self._stop.is_set():
             delay = next_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
