@@ -2,9 +2,9 @@
 
 glibc's malloc keeps freed memory in its arenas for reuse and returns it to the system
 only from the top of a heap. A process whose demand comes in bursts keeps the RSS of
-its largest burst: the flow's bursts are the Kafka client's fetch queues filling while
-the flow lags and the buffers of a recovery snapshot, and in a soak its RSS floor crept
-up by the peak of those bursts rather than by anything it kept. ``malloc_trim(0)``
+its largest burst: the flow's bursts are the buffers of a recovery snapshot and the
+batches in flight while it lags (in a soak its RSS floor crept up while the bytes it
+had in use did not). ``malloc_trim(0)``
 returns the free pages of every arena (since glibc 2.8, not only the top), so a process
 that trims now and then has an RSS that follows what it holds.
 
