@@ -27,10 +27,13 @@ def test_the_heap_counts_what_is_handed_out_and_what_is_kept() -> None:
     held = [bytearray(30_000) for _ in range(20_000)]
     during = allocator.heap()
     assert during is not None and during.in_use - before.in_use >= 20_000 * 30_000
-    # Free every other one: the gaps cannot go back from the top of the heap.
+    # Free every other one: the gaps cannot go back from the top of the heap. Exactly
+    # what was freed leaves the bytes in use; of the bytes kept free, a long session's
+    # heap may have trimmed a part (the freed chunks next to its top).
     del held[::2]
     after = allocator.heap()
-    assert after is not None and after.free - before.free >= 10_000 * 30_000 * 0.9
+    assert after is not None and during.in_use - after.in_use >= 10_000 * 30_000
+    assert after.free - during.free >= 10_000 * 30_000 / 2
     del held
 
 
