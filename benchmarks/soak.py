@@ -5,8 +5,8 @@ folder, so the developer's services and other runs never notice), the soak start
 real processes: the simulator (MQTT and OPC UA, at its live pace), both bridges, the
 flow (``twinflow run``), ``twinflow serve``, and a producer of the throughput
 benchmark's workload paced so that the whole input is half the flow's maximum (the
-newest ``twinflow bench`` report, best one-process variant, halved; ``--rate``
-overrides). Every ``--every`` seconds it samples the memory of every process, the
+newest ``twinflow bench`` report's one-worker variant, the layout the soak runs,
+halved; ``--rate`` overrides). Every ``--every`` seconds it samples the memory of every process, the
 flow's consumer lag on the raw topic, QuestDB's WAL lag and the errors.
 
 At the end the producers stop, the flow drains (lag 0, WAL applied), and what must be
@@ -183,13 +183,21 @@ def bounded(
 
 
 def max_rate(report: dict[str, Any]) -> float | None:
-    """The best correct one-process twinflow rate of a ``twinflow bench`` report.
+    """The correct one-worker, one-process twinflow rate of a ``twinflow bench`` report.
+
+    The soak runs that layout; a layout with more workers has more of the machine's cores.
 
     >>> max_rate({"results": [
-    ...     {"kind": "twinflow", "processes": 1, "readings_per_s": 80_000, "correct": True},
-    ...     {"kind": "twinflow", "processes": 1, "readings_per_s": 90_000, "correct": False},
-    ...     {"kind": "twinflow", "processes": 2, "readings_per_s": 99_000, "correct": True},
-    ...     {"kind": "peer-quix", "processes": 1, "readings_per_s": 9_000, "correct": True}]})
+    ...     {"kind": "twinflow", "workers": 1, "processes": 1, "readings_per_s": 80_000,
+    ...      "correct": True},
+    ...     {"kind": "twinflow", "workers": 1, "processes": 1, "readings_per_s": 90_000,
+    ...      "correct": False},
+    ...     {"kind": "twinflow", "workers": 2, "processes": 1, "readings_per_s": 95_000,
+    ...      "correct": True},
+    ...     {"kind": "twinflow", "workers": 1, "processes": 2, "readings_per_s": 99_000,
+    ...      "correct": True},
+    ...     {"kind": "peer-quix", "workers": 1, "processes": 1, "readings_per_s": 9_000,
+    ...      "correct": True}]})
     80000.0
     >>> max_rate({"results": []}) is None
     True
@@ -198,6 +206,7 @@ def max_rate(report: dict[str, Any]) -> float | None:
         float(r["readings_per_s"])
         for r in report.get("results", ())
         if r.get("kind") == "twinflow"
+        and r.get("workers") == 1
         and r.get("processes") == 1
         and r.get("correct")
         and r.get("readings_per_s")
@@ -482,11 +491,14 @@ def total(
 FLOW_MEMORY = {
     "malloc in use MiB": ("twinflow_malloc_in_use_bytes", 2**-20),
     "malloc free MiB": ("twinflow_malloc_free_bytes", 2**-20),
+    "pymalloc arenas MiB": ("twinflow_pymalloc_arena_bytes", 2**-20),
+    "pymalloc in blocks MiB": ("twinflow_pymalloc_block_bytes", 2**-20),
     "Kafka fetch queues MiB": ("twinflow_kafka_fetch_queue_bytes", 2**-20),
     "Python blocks (k)": ("twinflow_python_allocated_blocks", 1e-3),
 }
-"""Where the flow's memory is, from its own gauges: what it holds, what its allocator
-keeps, what its Kafka client fetched ahead."""
+"""Where the flow's memory is, from its own gauges: what it holds, what its two
+allocators keep (malloc; pymalloc, which has Python's small objects), what its Kafka
+client fetched ahead."""
 
 
 def flow_memory(
@@ -775,7 +787,7 @@ def default_rate(state_dir: Path) -> float:
     best = max_rate(json.loads(report.read_text()))
     if best is None:
         raise ConfigError(
-            f"{report} has no correct one-process twinflow result: run `twinflow bench` "
+            f"{report} has no correct one-worker twinflow result: run `twinflow bench` "
             "again, or give --rate READINGS_PER_S"
         )
     return best / 2

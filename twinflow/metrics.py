@@ -15,7 +15,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from schemas.outputs import AlarmEvent
 from schemas.raw import Reason
@@ -178,36 +180,50 @@ bridge_polls_missed = Counter(
     ["bridge"],
 )
 
-# Every process: where its memory is, to tell what it keeps from what its allocator keeps.
-python_blocks = Gauge(
-    "twinflow_python_allocated_blocks",
-    "Memory blocks the Python interpreter holds (objects and their buffers)",
-)
-python_blocks.set_function(sys.getallocatedblocks)
-malloc_in_use = Gauge(
-    "twinflow_malloc_in_use_bytes",
-    "Bytes the C allocator (glibc) has handed out: large Python objects and buffers, the "
-    "Kafka client's, Bytewax's (0 without glibc)",
-)
-malloc_free = Gauge(
-    "twinflow_malloc_free_bytes",
-    "Bytes freed and kept by the C allocator for reuse; a trim returns their pages to the "
-    "system but they stay counted here (0 without glibc)",
-)
+
+# Every process: where its memory is, to tell what it keeps from what its allocators keep.
+class _AllocatorCollector(Collector):
+    """Reads each allocator once per scrape (the gauges of one allocator come from one read)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "twinflow_python_allocated_blocks",
+            "Memory blocks the Python interpreter holds (objects and their buffers)",
+            value=sys.getallocatedblocks(),
+        )
+        heap = allocator.heap()
+        yield GaugeMetricFamily(
+            "twinflow_malloc_in_use_bytes",
+            "Bytes the C allocator (glibc) has handed out: large Python objects and buffers, "
+            "the Kafka client's, Bytewax's (0 without glibc)",
+            value=heap.in_use if heap else 0,
+        )
+        yield GaugeMetricFamily(
+            "twinflow_malloc_free_bytes",
+            "Bytes freed and kept by the C allocator for reuse; a trim returns their pages "
+            "to the system but they stay counted here (0 without glibc)",
+            value=heap.free if heap else 0,
+        )
+        arenas = allocator.python_arenas()
+        yield GaugeMetricFamily(
+            "twinflow_pymalloc_arena_bytes",
+            "Bytes of the arenas of Python's small-object allocator; an arena goes back to "
+            "the system only when all of it is free (0 under PYTHONMALLOC=malloc)",
+            value=arenas.mapped if arenas else 0,
+        )
+        yield GaugeMetricFamily(
+            "twinflow_pymalloc_arena_highwater_bytes",
+            "The most bytes those arenas have had at once",
+            value=arenas.highwater if arenas else 0,
+        )
+        yield GaugeMetricFamily(
+            "twinflow_pymalloc_block_bytes",
+            "Bytes of those arenas that live objects use",
+            value=arenas.in_blocks if arenas else 0,
+        )
 
 
-def _malloc_in_use() -> float:
-    found = allocator.heap()
-    return found.in_use if found else 0.0
-
-
-def _malloc_free() -> float:
-    found = allocator.heap()
-    return found.free if found else 0.0
-
-
-malloc_in_use.set_function(_malloc_in_use)
-malloc_free.set_function(_malloc_free)
+REGISTRY.register(_AllocatorCollector())
 malloc_trim_seconds = Histogram(
     "twinflow_malloc_trim_seconds",
     "Duration of one return of freed memory to the system (flow.malloc_trim_s)",

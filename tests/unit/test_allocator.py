@@ -63,3 +63,23 @@ def test_zero_means_never() -> None:
     with allocator.trimming(0, durations.append):
         time.sleep(0.1)
     assert durations == [] and "malloc-trim" not in {t.name for t in threading.enumerate()}
+
+
+def test_python_arenas_hold_small_objects_until_every_block_of_an_arena_is_free() -> None:
+    before = allocator.python_arenas()
+    if before is None:
+        pytest.skip("Python's objects do not come from pymalloc (PYTHONMALLOC)")
+    # 200 k empty dicts of 64 bytes: about 12 MiB of small blocks, in new arenas.
+    held = [{} for _ in range(200_000)]
+    during = allocator.python_arenas()
+    assert during is not None
+    assert during.in_blocks - before.in_blocks >= 200_000 * 48
+    assert during.mapped - before.mapped >= 200_000 * 48
+    assert during.highwater >= during.mapped >= during.in_blocks
+    # Every other one freed: the blocks go, the arenas they shared with the others stay.
+    del held[::2]
+    after = allocator.python_arenas()
+    assert after is not None
+    assert during.in_blocks - after.in_blocks >= 100_000 * 48
+    assert after.mapped >= during.mapped - 2**20
+    del held
