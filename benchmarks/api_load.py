@@ -66,6 +66,7 @@ from schemas.outputs import (
     TwinState,
     encode,
 )
+from twinflow.services.process import cpu_seconds
 from twinflow.settings import Settings, TopicSettings, load_settings
 from twinflow.topics import control_topics, output_topics
 from twinflow.twin_model import AssetType, TwinModel
@@ -320,18 +321,6 @@ def events_summary(received: Sequence[int], expected: int) -> dict[str, float | 
         "max": max(received, default=0),
         "delivered_share": round(sum(received) / total, 4) if total else 0.0,
     }
-
-
-def process_cpu_ticks(stat: str) -> int:
-    """User plus system clock ticks of a process, from its ``/proc/<pid>/stat``.
-
-    The command name may hold spaces and parentheses, so fields count from its end.
-
-    >>> process_cpu_ticks("42 (py (x) y) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0")
-    300
-    """
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def machine_cpu_ticks(stat: str) -> tuple[int, int]:
@@ -668,8 +657,10 @@ class ServedTwin:
 
     def cpu_s(self) -> float:
         """CPU seconds it has used, every thread included."""
-        ticks = process_cpu_ticks(Path(f"/proc/{self.proc.pid}/stat").read_text())
-        return ticks / os.sysconf("SC_CLK_TCK")
+        used = cpu_seconds(self.proc.pid)
+        if used is None:
+            raise RuntimeError(f"the server (pid {self.proc.pid}) has ended")
+        return used
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not ended in time."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import threading
 import time
 import uuid
@@ -20,13 +19,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as ProcessEvent
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from connectors.kafka import TopicSpec, client_config, ensure_topics
+from twinflow.services.process import cpu_seconds
 from twinflow.settings import Settings
 from twinflow.sim.samples import Sample
 from twinflow.twin_model import TwinModel
@@ -113,10 +112,11 @@ def produced(consumer: Consumer, topic: str, partitions: int) -> int:
     )
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pid: int) -> float:
+    used = cpu_seconds(pid)
+    if used is None:
+        raise RuntimeError(f"the server (pid {pid}) ended during the measurement")
+    return used
 
 
 def run(
@@ -172,12 +172,12 @@ def run(
         time.sleep(WARMUP_S)
         assert server.pid is not None
         written_from, produced_from = written.value, produced(consumer, topic, partitions)
-        server_cpu_from, bridge_cpu_from = cpu_s(server.pid), time.process_time()
+        server_cpu_from, bridge_cpu_from = _cpu_seconds(server.pid), time.process_time()
         started = time.monotonic()
         time.sleep(duration_s)
         elapsed = time.monotonic() - started
         written_to, produced_to = written.value, produced(consumer, topic, partitions)
-        server_cpu = (cpu_s(server.pid) - server_cpu_from) / elapsed
+        server_cpu = (_cpu_seconds(server.pid) - server_cpu_from) / elapsed
         bridge_cpu = (time.process_time() - bridge_cpu_from) / elapsed
         gates.pause.set()
         # What is still queued or in flight arrives now; then every write is accounted for.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -52,7 +51,7 @@ from connectors.questdb import QuestDBError, QuestDBHttp
 from twinflow.errors import ConfigError, TwinflowError
 from twinflow.runner import prepare_outputs
 from twinflow.services import manager
-from twinflow.services.process import log_tail, port_accepts, port_is_free
+from twinflow.services.process import cpu_seconds, log_tail, port_accepts, port_is_free
 from twinflow.settings import (
     KafkaSettings,
     MetricsSettings,
@@ -410,20 +409,6 @@ def memory(pid: int) -> tuple[float, float] | None:
         if line.startswith(("VmRSS:", "RssAnon:"))
     }
     return (fields["VmRSS"], fields["RssAnon"]) if "VmRSS" in fields else None
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time a process has used, in seconds (None when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name (field 2) may hold spaces; the fields after it do not.
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def rates_by_half(
@@ -837,6 +822,12 @@ def start_pipeline(soak: Soak, plan: Plan) -> None:
     port = settings.metrics.mqtt_bridge_port
     if not soak.wait_metric(port, "twinflow_bridge_connected", 60, bridge="mqtt"):
         soak.error("start", "the MQTT bridge did not connect within 60 s")
+    # serve starts while everything else does; its health counts from the first sample.
+    deadline = time.monotonic() + 60
+    while not (serving := _serve_healthy(settings)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not serving:
+        soak.error("start", "twinflow serve did not answer /api/v1/health within 60 s")
     simulate = [
         *twinflow,
         *("simulate", "--mqtt", "--opcua", "--speed", "1"),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from twinflow.services.process import (
     PidFile,
+    cpu_seconds,
     log_tail,
     port_is_free,
     process_start_ticks,
@@ -61,3 +62,21 @@ def test_port_is_free_sees_a_listener() -> None:
         port = listener.getsockname()[1]
         assert not port_is_free(port)
     assert port_is_free(port)
+
+
+def test_cpu_seconds_grow_while_a_process_works_and_end_with_it(tmp_path: Path) -> None:
+    pid_file = PidFile(tmp_path / "busy.pid")
+    log_file = tmp_path / "busy.log"
+    pid = spawn(
+        ["python3", "-c", "while True: pass"], cwd=tmp_path, log_file=log_file, pid_file=pid_file
+    )
+    try:
+        # A loaded machine may give it little of a core: wait for its first 0.2 s.
+        deadline = time.monotonic() + 20
+        while (used := cpu_seconds(pid)) is not None and used < 0.2:
+            assert time.monotonic() < deadline, f"{used} CPU s in 20 s"
+            time.sleep(0.1)
+        assert used is not None
+    finally:
+        terminate(pid, timeout_s=5)
+    assert cpu_seconds(pid) is None

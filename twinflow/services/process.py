@@ -39,6 +39,14 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used, every thread included; None if gone."""
+    fields = _proc_stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of a process, or None if it is gone."""
     try:
