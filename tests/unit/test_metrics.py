@@ -17,6 +17,7 @@ from schemas.outputs import Alarm, AlarmEvent, AlarmKind, Anomaly, LateReading, 
 from schemas.raw import Reason
 from schemas.transport import CodedStrings
 from tests.helpers import free_ports
+from twinflow import allocator
 from twinflow.errors import ConfigError
 from twinflow.metrics import serving
 from twinflow.settings import MetricsSettings, Settings
@@ -149,3 +150,20 @@ def test_each_process_of_a_local_cluster_gets_its_own_port() -> None:
 def test_a_metrics_port_may_not_repeat_a_service_port() -> None:
     with pytest.raises(ValueError, match=r"metrics\.flow_port and kafka\.port"):
         Settings(metrics=MetricsSettings(flow_port=Settings().kafka.port))
+
+
+def test_the_allocator_gauges_split_this_process_memory() -> None:
+    def value(name: str) -> float:
+        found = REGISTRY.get_sample_value(name)
+        assert found is not None, name
+        return found
+
+    if allocator.heap() is None or allocator.python_arenas() is None:
+        pytest.skip("the gauges read glibc's malloc and pymalloc; this interpreter lacks one")
+    assert value("twinflow_python_allocated_blocks") > 10_000
+    assert value("twinflow_malloc_in_use_bytes") > 0
+    arenas, highwater = (
+        value("twinflow_pymalloc_arena_bytes"),
+        value("twinflow_pymalloc_arena_highwater_bytes"),
+    )
+    assert highwater >= arenas >= value("twinflow_pymalloc_block_bytes") > 1_000_000
