@@ -186,41 +186,43 @@ class _AllocatorCollector(Collector):
     """Reads each allocator once per scrape (the gauges of one allocator come from one read)."""
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "twinflow_python_allocated_blocks",
-            "Memory blocks the Python interpreter holds (objects and their buffers)",
-            value=sys.getallocatedblocks(),
-        )
-        heap = allocator.heap()
-        yield GaugeMetricFamily(
-            "twinflow_malloc_in_use_bytes",
-            "Bytes the C allocator (glibc) has handed out: large Python objects and buffers, "
-            "the Kafka client's, Bytewax's (0 without glibc)",
-            value=heap.in_use if heap else 0,
-        )
-        yield GaugeMetricFamily(
-            "twinflow_malloc_free_bytes",
-            "Bytes freed and kept by the C allocator for reuse; a trim returns their pages "
-            "to the system but they stay counted here (0 without glibc)",
-            value=heap.free if heap else 0,
-        )
-        arenas = allocator.python_arenas()
-        yield GaugeMetricFamily(
-            "twinflow_pymalloc_arena_bytes",
-            "Bytes of the arenas of Python's small-object allocator; an arena goes back to "
-            "the system only when all of it is free (0 under PYTHONMALLOC=malloc)",
-            value=arenas.mapped if arenas else 0,
-        )
-        yield GaugeMetricFamily(
-            "twinflow_pymalloc_arena_highwater_bytes",
-            "The most bytes those arenas have had at once",
-            value=arenas.highwater if arenas else 0,
-        )
-        yield GaugeMetricFamily(
-            "twinflow_pymalloc_block_bytes",
-            "Bytes of those arenas that live objects use",
-            value=arenas.in_blocks if arenas else 0,
-        )
+        heap, arenas = allocator.heap(), allocator.python_arenas()
+        for name, documentation, value in (
+            (
+                "twinflow_python_allocated_blocks",
+                "Memory blocks the Python interpreter holds (objects and their buffers)",
+                sys.getallocatedblocks(),
+            ),
+            (
+                "twinflow_malloc_in_use_bytes",
+                "Bytes the C allocator (glibc) has handed out: large Python objects and "
+                "buffers, the Kafka client's, Bytewax's (0 without glibc)",
+                heap.in_use if heap else 0,
+            ),
+            (
+                "twinflow_malloc_free_bytes",
+                "Bytes freed and kept by the C allocator for reuse; a trim returns their "
+                "pages to the system but they stay counted here (0 without glibc)",
+                heap.free if heap else 0,
+            ),
+            (
+                "twinflow_pymalloc_arena_bytes",
+                "Bytes of the arenas of Python's small-object allocator; an arena goes back "
+                "to the system only when all of it is free (0 under PYTHONMALLOC=malloc)",
+                arenas.mapped if arenas else 0,
+            ),
+            (
+                "twinflow_pymalloc_arena_highwater_bytes",
+                "The most bytes those arenas have had at once",
+                arenas.highwater if arenas else 0,
+            ),
+            (
+                "twinflow_pymalloc_block_bytes",
+                "Bytes of those arenas that live objects use",
+                arenas.in_blocks if arenas else 0,
+            ),
+        ):
+            yield GaugeMetricFamily(name, documentation, value=value)
 
 
 REGISTRY.register(_AllocatorCollector())
