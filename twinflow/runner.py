@@ -112,6 +112,11 @@ def run_flow(
         except (MissingPartitionsError, InconsistentPartitionsError, NoPartitionsError) as exc:
             raise TwinflowError(_damaged(settings, process_id, exc)) from None
         except Exception as exc:
+            if caused_by(exc, KeyboardInterrupt) is not None:
+                # Bytewax turns SIGINT into its own error, after a panic message its Rust
+                # side prints: a stop that was asked for, not a failure to report.
+                log.info("stopped on SIGINT; a restart resumes from the last snapshot")
+                return
             # Bytewax wraps what a step raised; the twins raise this when resuming.
             incompatible = caused_by(exc, IncompatibleSnapshotError)
             if incompatible is None:

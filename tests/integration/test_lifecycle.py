@@ -163,7 +163,10 @@ def test_a_flow_started_with_sigint_ignored_still_stops_on_sigint(
         wait_for_line(log, "created recovery store", timeout_s=120)
         time.sleep(3)  # into the dataflow
         os.kill(flow.pid, signal.SIGINT)
-        assert flow.wait(60) is not None
+        # A stop that was asked for: status 0, no traceback.
+        assert flow.wait(60) == 0
+        assert "Traceback" not in log.read_text()
+        assert "stopped on SIGINT" in log.read_text()
     finally:
         if flow.poll() is None:
             flow.kill()  # by PID: never leave the flow behind a failed assert
