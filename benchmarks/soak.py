@@ -6,8 +6,8 @@ real processes: the simulator (MQTT and OPC UA, at its live pace), both bridges,
 flow (``twinflow run``), ``twinflow serve``, and a producer of the throughput
 benchmark's workload paced so that the whole input is half the flow's maximum (the
 newest ``twinflow bench`` report's one-worker variant, the layout the soak runs,
-halved; ``--rate`` overrides). Every ``--every`` seconds it samples the memory of every process, the
-flow's consumer lag on the raw topic, QuestDB's WAL lag and the errors.
+halved; ``--rate`` overrides). Every ``--every`` seconds it samples the memory of every
+process, the flow's consumer lag on the raw topic, QuestDB's WAL lag and the errors.
 
 At the end the producers stop, the flow drains (lag 0, WAL applied), and what must be
 in QuestDB is compared with what is: the producer knows each valid reading it sent
