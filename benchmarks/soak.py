@@ -6,8 +6,10 @@ real processes: the simulator (MQTT and OPC UA, at its live pace), both bridges,
 flow (``twinflow run``), ``twinflow serve``, and a producer of the throughput
 benchmark's workload paced so that the whole input is half the flow's maximum (the
 newest ``twinflow bench`` report's one-worker variant, the layout the soak runs,
-halved; ``--rate`` overrides). Every ``--every`` seconds it samples the memory of every
-process, the flow's consumer lag on the raw topic, QuestDB's WAL lag and the errors.
+halved; ``--rate`` overrides). The producer's twins leave their first seasonal bin in
+their first window (:func:`benchmarks.workload.settled_start_ms`), so the hour measures
+settled twins. Every ``--every`` seconds it samples the memory of every process, the
+flow's consumer lag on the raw topic, QuestDB's WAL lag and the errors.
 
 At the end the producers stop, the flow drains (lag 0, WAL applied), and what must be
 in QuestDB is compared with what is: the producer knows each valid reading it sent
@@ -44,7 +46,13 @@ from confluent_kafka import KafkaException, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.throughput import bench_env
-from benchmarks.workload import Expected, WorkloadConfig, messages, twin_model
+from benchmarks.workload import (
+    Expected,
+    WorkloadConfig,
+    messages,
+    settled_start_ms,
+    twin_model,
+)
 from connectors.kafka import reliable_producer
 from connectors.kafka_source import watermarks_client
 from connectors.questdb import QuestDBError, QuestDBHttp
@@ -73,6 +81,14 @@ LAG_MARGIN_S = 5.0
 """A lag is bounded when its second-half peak exceeds the first half's by at most this
 many seconds of input (one sampling interval): a sample may land on a batch boundary."""
 WAL_MARGIN_TXNS = 5
+SUSTAINED_SNAPSHOTS = 4
+"""Snapshot intervals a bench run must last for its rate to count as sustained: a
+snapshot of ten thousand settled twins takes seconds, and a run of a few intervals
+holds its share of them (within a quarter of one snapshot's cost)."""
+SUSTAINED_BENCH = (
+    'twinflow bench --variants "twinflow 1 worker" --entities 10000 --readings 12000000'
+)
+"""A bench whose one-worker run lasts several snapshot intervals (200 s of plant time)."""
 SIM_RATE = 300.0
 """Readings/s of the simulator (a reading per sensor of the example plant per second);
 the paced producer brings the rest."""
@@ -181,24 +197,29 @@ def bounded(
     )
 
 
-def max_rate(report: dict[str, Any]) -> float | None:
+def max_rate(report: dict[str, Any], min_seconds: float) -> float | None:
     """The correct one-worker, one-process twinflow rate of a ``twinflow bench`` report.
 
-    The soak runs that layout; a layout with more workers has more of the machine's cores.
+    The soak runs that layout; a layout with more workers has more of the machine's
+    cores. Only runs of at least ``min_seconds`` count: a run shorter than a few
+    snapshot intervals may hold no snapshot at all, and measures a rate the flow cannot
+    sustain (see :data:`SUSTAINED_SNAPSHOTS`).
 
     >>> max_rate({"results": [
     ...     {"kind": "twinflow", "workers": 1, "processes": 1, "readings_per_s": 80_000,
-    ...      "correct": True},
+    ...      "seconds": 150, "correct": True},
+    ...     {"kind": "twinflow", "workers": 1, "processes": 1, "readings_per_s": 99_000,
+    ...      "seconds": 20, "correct": True},
     ...     {"kind": "twinflow", "workers": 1, "processes": 1, "readings_per_s": 90_000,
-    ...      "correct": False},
+    ...      "seconds": 150, "correct": False},
     ...     {"kind": "twinflow", "workers": 2, "processes": 1, "readings_per_s": 95_000,
-    ...      "correct": True},
+    ...      "seconds": 150, "correct": True},
     ...     {"kind": "twinflow", "workers": 1, "processes": 2, "readings_per_s": 99_000,
-    ...      "correct": True},
+    ...      "seconds": 150, "correct": True},
     ...     {"kind": "peer-quix", "workers": 1, "processes": 1, "readings_per_s": 9_000,
-    ...      "correct": True}]})
+    ...      "seconds": 150, "correct": True}]}, min_seconds=120)
     80000.0
-    >>> max_rate({"results": []}) is None
+    >>> max_rate({"results": []}, min_seconds=120) is None
     True
     """
     rates = [
@@ -209,6 +230,7 @@ def max_rate(report: dict[str, Any]) -> float | None:
         and r.get("processes") == 1
         and r.get("correct")
         and r.get("readings_per_s")
+        and r.get("seconds", 0) >= min_seconds
     ]
     return max(rates, default=None)
 
@@ -525,12 +547,16 @@ def produce(spec_file: Path) -> int:
 
     rate = config.entities * config.sensors
     window_ms = int(config.window_s * 1000)
-    # On a window boundary (the workload's window counts need it), up to one window
-    # behind wall time, and paced from now: no burst to catch up.
-    start_ms = int(time.time() * 1000) // window_ms * window_ms
+    # The first window lies in the seasonal bin before the present one, then the clock
+    # jumps to wall time (on a window boundary, as the window counts need): the twins
+    # leave their first bin at once, so the whole hour measures settled twins wherever
+    # the wall clock stands. Paced from now: no burst to catch up.
+    now_ms = int(time.time() * 1000) // window_ms * window_ms
+    start_ms = settled_start_ms(now_ms, config.window_s)
+    jump_ms = now_ms - start_ms
     started = time.monotonic()
     next_status = 0.0
-    for count, (key, payload) in enumerate(messages(config, start_ms, expected), start=1):
+    for count, (key, payload) in enumerate(messages(config, start_ms, expected, jump_ms), start=1):
         while True:
             try:
                 producer.produce(spec["topic"], payload, key, on_delivery=report)
@@ -761,19 +787,22 @@ def _serve_healthy(settings: Settings) -> bool:
         return False
 
 
-def default_rate(state_dir: Path) -> float:
-    """Half the flow's maximum from the newest ``twinflow bench`` report."""
+def default_rate(state_dir: Path, snapshot_interval_s: float) -> float:
+    """Half the flow's sustained maximum from the newest ``twinflow bench`` report."""
     report = state_dir / "bench" / "throughput" / "throughput.json"
+    min_seconds = SUSTAINED_SNAPSHOTS * snapshot_interval_s
+    measure = (
+        f"run `{SUSTAINED_BENCH}` (a one-worker run of at least {min_seconds:.0f} s, "
+        f"{SUSTAINED_SNAPSHOTS} snapshot intervals) to measure the flow's sustained "
+        "maximum, or give the soak's total rate with --rate READINGS_PER_S"
+    )
     if not report.exists():
-        raise ConfigError(
-            f"no throughput report at {report}: run `twinflow bench` first to measure the "
-            "flow's maximum, or give the soak's total rate with --rate READINGS_PER_S"
-        )
-    best = max_rate(json.loads(report.read_text()))
+        raise ConfigError(f"no throughput report at {report}: {measure}")
+    best = max_rate(json.loads(report.read_text()), min_seconds)
     if best is None:
         raise ConfigError(
-            f"{report} has no correct one-worker twinflow result: run `twinflow bench` "
-            "again, or give --rate READINGS_PER_S"
+            f"{report} has no correct one-worker twinflow run of at least "
+            f"{min_seconds:.0f} s: {measure}"
         )
     return best / 2
 
@@ -794,7 +823,11 @@ class Plan:
 
 def make_plan(base: Settings, options: Options, work: Path) -> Plan:
     """Rates and models of a run; the flow's model is written to ``work``."""
-    total_rate = options.rate if options.rate is not None else default_rate(base.state_dir)
+    total_rate = (
+        options.rate
+        if options.rate is not None
+        else default_rate(base.state_dir, base.flow.snapshot_interval_s)
+    )
     if total_rate < 8 or options.minutes <= 0:
         raise ConfigError("--rate must be at least 8 readings/s and --minutes positive")
     seconds = round(options.minutes * 60)

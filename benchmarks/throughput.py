@@ -46,7 +46,14 @@ from confluent_kafka.admin import AdminClient
 
 from benchmarks.latency import LiveSchedule, VisibilityProbe, percentiles
 from benchmarks.peers.quix_env import ensure_quix_python
-from benchmarks.workload import Expected, WorkloadConfig, messages, sensor_ranges, twin_model
+from benchmarks.workload import (
+    Expected,
+    WorkloadConfig,
+    messages,
+    sensor_ranges,
+    settled_start_ms,
+    twin_model,
+)
 from connectors.kafka import TopicSpec, client_config, ensure_topics, reliable_producer
 from connectors.questdb import QuestDBError, QuestDBHttp
 from twinflow.services.process import rss_bytes
@@ -487,13 +494,14 @@ def produce_workload(
 ) -> int:
     """Create ``topic`` and produce the workload to it; return its start time (ms).
 
-    The start is by default an hour and the workload's length ago, on a window
-    boundary: old enough to be history, young enough for the flow's max_age check.
+    The start is by default an hour and the workload's length ago or a little more:
+    old enough to be history, young enough for the flow's max_age check, and one window
+    before a seasonal bin boundary, so the twins measured are settled ones
+    (:func:`benchmarks.workload.settled_start_ms`).
     """
     if start_ms is None:
-        window_ms = int(config.window_s * 1000)
         now_ms = int(time.time() * 1000)
-        start_ms = (now_ms - config.ticks * 1000 - 3_600_000) // window_ms * window_ms
+        start_ms = settled_start_ms(now_ms - config.ticks * 1000 - 3_600_000, config.window_s)
     ensure_topics(kafka, [TopicSpec(topic, partitions)])
     producer = reliable_producer(kafka, **{"linger.ms": 20, "batch.size": 1_000_000})
     failures: list[str] = []

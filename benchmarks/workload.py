@@ -21,9 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import numpy as np
+
+from twinflow.detection import DEFAULT_PERIODS
 
 SENSORS: tuple[tuple[str, str, float, float], ...] = (
     ("flow", "m3/h", 0.0, 400.0),
@@ -104,6 +107,27 @@ class Expected:
     per_partition: dict[int, int] = field(default_factory=dict)
 
 
+def settled_start_ms(latest_ms: int, window_s: float) -> int:
+    """A start at or before ``latest_ms`` whose twins leave their first seasonal bin early.
+
+    A twin allocates its cycle profiles when its clock leaves its first bin (the
+    shortest default period's, half an hour), and its state and snapshots keep that
+    size from then on. Starting one window before a bin boundary puts that step into
+    the first window, so what a run measures is the twin as it stays, not the newborn
+    one, wherever the wall clock stands. The start is on a window boundary (the window
+    counts of :func:`messages` need it).
+
+    >>> settled_start_ms(9_123_456, 10.0)  # the bin boundary before it is 9,000,000
+    8990000
+    >>> settled_start_ms(9_000_000, 7.0)  # at least a window before, on a window boundary
+    8988000
+    """
+    window_ms = int(window_s * 1000)
+    bin_ms = min(period.length_ms // period.bins for period in DEFAULT_PERIODS)
+    boundary = latest_ms // bin_ms * bin_ms
+    return (boundary - window_ms) // window_ms * window_ms
+
+
 def twin_model(config: WorkloadConfig) -> dict[str, object]:
     """The twin model of the workload's plant, as YAML-ready data."""
     sensors = {
@@ -132,12 +156,14 @@ def sensor_ranges(config: WorkloadConfig) -> dict[str, tuple[float, float]]:
 
 
 def messages(
-    config: WorkloadConfig, start_ms: int, expected: Expected
+    config: WorkloadConfig, start_ms: int, expected: Expected, jump_ms: int = 0
 ) -> Iterator[tuple[str, bytes]]:
     """``(entity id, payload)`` in produce order; fills ``expected`` as it goes.
 
     ``start_ms`` must be a multiple of the window length's milliseconds so that the
-    window counts below hold.
+    window counts below hold. After the first window the clock jumps ahead by
+    ``jump_ms`` (a multiple of the window length): a first window in an earlier
+    seasonal bin, then the present (see :func:`settled_start_ms`).
     """
     rng = np.random.default_rng(config.seed)
     entities = config.entity_ids()
@@ -148,13 +174,24 @@ def messages(
     level = low + span * rng.uniform(0.3, 0.7, size=(config.entities, config.sensors))
     encode = msgspec.json.encode
     window_ms = int(config.window_s * 1000)
+    if jump_ms % window_ms or jump_ms < 0:
+        raise ValueError(f"jump_ms must be a multiple of {window_ms}, not {jump_ms}")
+    # Late readings trail their tick by _LATE_BEHIND_MS; after a jump they start that
+    # long after it, so none falls into the skipped time.
+    late_from_tick = (_LATE_BEHIND_MS + (window_ms if jump_ms else 0)) // _TICK_MS
+
+    def tick_ms(tick: Any) -> Any:
+        """The event time of a tick (or an array of them)."""
+        offset = tick * _TICK_MS
+        return start_ms + offset + np.where(offset >= window_ms, jump_ms, 0)
+
     expected.first_ts_ms = start_ms
     # Which (entity, sensor, window) got an on-time valid reading, and each entity's
     # newest valid reading: the windows its own watermark closes follow from these.
     has_reading = np.zeros((config.entities, config.sensors, config.ticks // 10 + 2), dtype=bool)
     newest_tick = np.full(config.entities, -1)
     for tick in range(config.ticks):
-        ts = start_ms + tick * _TICK_MS
+        ts = int(tick_ms(tick))
         level += rng.normal(0.0, 0.002, size=level.shape) * span
         np.clip(level, low + 0.1 * span, high - 0.1 * span, out=level)
         values = level + rng.normal(0.0, 0.005, size=level.shape) * span
@@ -168,7 +205,7 @@ def messages(
             valid[malformed] = False
         else:
             valid[malformed, 0] = False
-        window = (start_ms + tick * _TICK_MS) // window_ms - start_ms // window_ms
+        window = tick * _TICK_MS // window_ms
         has_reading[:, :, window] |= valid
         newest_tick[valid.any(axis=1)] = tick
         for e, entity in enumerate(entities):
@@ -201,7 +238,7 @@ def messages(
             expected.out_of_range_readings += bad_readings
             expected.dead_letter_readings += bad_readings
             expected.valid_readings += config.sensors - (lost if malformed[e] else 0) - bad_readings
-        if tick * _TICK_MS >= _LATE_BEHIND_MS:
+        if tick >= late_from_tick:
             for e, s in zip(*np.nonzero(late), strict=True):
                 late_ts = ts - _LATE_BEHIND_MS + _TICK_MS // 2
                 value = float(np.round(level[e, s], 4))
@@ -213,9 +250,10 @@ def messages(
                 expected.readings += 1
                 expected.valid_readings += 1
                 expected.late_readings += 1
-    expected.last_ts_ms = start_ms + (config.ticks - 1) * _TICK_MS
-    watermark = start_ms + newest_tick * _TICK_MS - int(config.lateness_s * 1000)
-    window_end = start_ms + (np.arange(has_reading.shape[2]) + 1) * window_ms
+    expected.last_ts_ms = int(tick_ms(config.ticks - 1))
+    watermark = tick_ms(newest_tick) - int(config.lateness_s * 1000)
+    windows = np.arange(has_reading.shape[2])
+    window_end = tick_ms(windows * window_ms // _TICK_MS) + window_ms
     closed = window_end[None, :] <= watermark[:, None]
     expected.all_windows = int(has_reading.sum())
     expected.closed_windows = int((has_reading & closed[:, None, :]).sum())

@@ -12,8 +12,9 @@ from benchmarks.workload import WorkloadConfig, messages, sensor_ranges
 START_MS = 1_790_000_000_000
 
 
+@pytest.mark.parametrize("jump_ms", [0, 1_790_000])
 @pytest.mark.parametrize("batched", [True, False])
-def test_the_workload_promises_what_its_messages_hold(batched: bool) -> None:
+def test_the_workload_promises_what_its_messages_hold(batched: bool, jump_ms: int) -> None:
     config = WorkloadConfig(
         entities=7,
         sensors=4,
@@ -29,12 +30,14 @@ def test_the_workload_promises_what_its_messages_hold(batched: bool) -> None:
     malformed = out_of_range = late = valid = 0
     series_windows: dict[tuple[str, str], set[int]] = {}
     newest: dict[str, int] = {}
-    for _key, payload in messages(config, START_MS, expected):
+    for _key, payload in messages(config, START_MS, expected, jump_ms):
         try:
             message = msgspec.json.decode(payload)
         except msgspec.DecodeError:
             malformed += 1
             continue
+        # The first window, then the clock jumps: nothing falls into the skipped time.
+        assert not START_MS + 10_000 <= message["ts"] < START_MS + 10_000 + jump_ms
         values = message.get("values") or {message["sensor"]: message["value"]}
         for sensor, value in values.items():
             low, high = ranges[sensor]
@@ -64,6 +67,11 @@ def test_the_workload_promises_what_its_messages_hold(batched: bool) -> None:
         if (window + 1) * 10_000 <= newest[entity] - 5_000
     )
     assert 0 < closed == expected.closed_windows < expected.all_windows
+
+
+def test_the_workload_jumps_only_by_whole_windows() -> None:
+    with pytest.raises(ValueError, match="jump_ms must be a multiple of 10000"):
+        next(messages(WorkloadConfig(entities=1, sensors=1, readings=60), START_MS, Expected(), 5))
 
 
 def test_the_workload_is_the_same_for_the_same_seed() -> None:

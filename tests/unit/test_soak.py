@@ -127,35 +127,45 @@ def test_an_error_or_a_lost_reading_fails_the_run() -> None:
     assert lost["lost"] == 3 and not lost["passed"]
 
 
-def test_the_rate_is_half_the_correct_one_worker_twinflow(tmp_path: Path) -> None:
-    def result(workers: int, processes: int, rate: int, correct: bool = True) -> dict[str, Any]:
+def test_the_rate_is_half_the_correct_sustained_one_worker_twinflow(tmp_path: Path) -> None:
+    def result(
+        workers: int, processes: int, rate: int, *, seconds: float = 150, correct: bool = True
+    ) -> dict[str, Any]:
         return {
             "kind": "twinflow",
             "workers": workers,
             "processes": processes,
             "readings_per_s": rate,
+            "seconds": seconds,
             "correct": correct,
         }
 
-    # The soak runs one worker in one process: the layouts with more cores do not count.
+    # The soak runs one worker in one process: the layouts with more cores do not count,
+    # nor a run too short to hold its share of snapshots (4 intervals of 30 s).
     report = {
         "results": [
             result(1, 1, 82_370),
+            result(1, 1, 120_000, seconds=22),
             result(1, 1, 95_000, correct=False),
             result(2, 1, 110_000),
             result(1, 2, 120_000),
         ]
     }
-    assert max_rate(report) == 82_370
+    assert max_rate(report, min_seconds=120) == 82_370
     folder = tmp_path / "bench" / "throughput"
     folder.mkdir(parents=True)
     (folder / "throughput.json").write_text(json.dumps(report))
-    assert default_rate(tmp_path) == 41_185
+    assert default_rate(tmp_path, snapshot_interval_s=30) == 41_185
+    # With only short runs the soak names the bench that measures a sustained maximum.
+    report["results"] = [result(1, 1, 120_000, seconds=22)]
+    (folder / "throughput.json").write_text(json.dumps(report))
+    with pytest.raises(ConfigError, match=r"at least 120 s: run `twinflow bench --variants"):
+        default_rate(tmp_path, snapshot_interval_s=30)
 
 
 def test_without_a_bench_report_the_soak_asks_for_a_rate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--rate"):
-        default_rate(tmp_path)
+        default_rate(tmp_path, snapshot_interval_s=30)
 
 
 def test_the_producer_and_simulator_add_up_to_the_rate() -> None:
