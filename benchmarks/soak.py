@@ -4,9 +4,10 @@ On a stack of its own (Kafka, QuestDB and Mosquitto on free ports, state under t
 folder, so the developer's services and other runs never notice), the soak starts as
 real processes: the simulator (MQTT and OPC UA, at its live pace), both bridges, the
 flow (``twinflow run``), ``twinflow serve``, and a producer of the throughput
-benchmark's workload paced so that the whole input is half the flow's maximum (the
-newest ``twinflow bench`` report's one-worker variant, the layout the soak runs,
-halved; ``--rate`` overrides). The producer's twins leave their first seasonal bin in
+benchmark's workload paced so that the whole input is half the flow's sustained maximum
+(the newest ``twinflow bench`` report's one-worker variant, the layout the soak runs, in
+a run of at least :data:`SUSTAINED_SNAPSHOTS` snapshot intervals; ``--rate``
+overrides). The producer's twins leave their first seasonal bin in
 their first window (:func:`benchmarks.workload.settled_start_ms`), so the hour measures
 settled twins. Every ``--every`` seconds it samples the memory of every process, the
 flow's consumer lag on the raw topic, QuestDB's WAL lag and the errors.
